@@ -1,0 +1,174 @@
+"""Building blocks for the experiment configs under ``configs/``.
+
+Every config file is ``get_config(arg)`` returning an ``ml_collections.ConfigDict``. The
+short argument string after the ``:`` in ``--config=configs/x.py:ARG`` is parsed by
+:func:`parse_arg` into typed values (``digits``, ``res=384``, ...). The shared recipes
+below fill the data and optimiser sections so each config only states what its paper says.
+
+The trainer converts the ConfigDict into typed values at its boundary; modules never see
+a ConfigDict.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+
+
+def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
+    """Parses ``"digits,res=384"`` into a ConfigDict typed by the defaults in ``spec``.
+
+    A bare key sets a boolean to True. Unknown keys and values of the wrong type raise
+    ValueError naming the valid keys, so a typo never silently runs the wrong experiment.
+    """
+    out = ml_collections.ConfigDict(dict(spec))
+    for token in filter(None, (t.strip() for t in (arg or "").split(","))):
+        key, sep, value = token.partition("=")
+        if key not in spec:
+            raise ValueError(
+                f"Unknown config argument {key!r} in {arg!r}; valid: {', '.join(sorted(spec))}"
+            )
+        default = spec[key]
+        if not sep:
+            if not isinstance(default, bool):
+                raise ValueError(f"Config argument {key!r} needs a value, e.g. {key}={default}")
+            out[key] = True
+        elif isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"Config argument {key!r} expects true/false, got {value!r}")
+            out[key] = value.lower() in ("true", "1")
+        else:
+            try:
+                out[key] = type(default)(value)
+            except ValueError as e:
+                raise ValueError(
+                    f"Config argument {key!r} expects {type(default).__name__}, got {value!r}"
+                ) from e
+    return out
+
+
+def base_config(model_name: str) -> ml_collections.ConfigDict:
+    """Every key the trainer reads, with neutral defaults."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model_name = model_name
+    # Overrides passed to ``hybrid_attn.models.get_model`` (drop_path_rate, flags...).
+    c.model = ml_collections.ConfigDict()
+    c.compute_dtype = "float32"  # "bfloat16" for mixed precision; parameters stay float32.
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "imagenet2012"
+    c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    c.data.num_classes = 1000
+    c.data.image_size = 224
+    c.data.crop_pct = 0.875  # eval: resize to image_size / crop_pct, then center crop.
+    c.data.inception_crop = True
+    c.data.inception_min_area = 0.08
+    c.data.flip = True
+    c.data.randaugment_layers = 0  # 0 disables RandAugment.
+    c.data.randaugment_magnitude = 0
+    c.data.mixup_alpha = 0.0  # 0 disables.
+    c.data.cutmix_alpha = 0.0  # 0 disables; with both > 0 one is picked per batch.
+    c.data.label_smoothing = 0.0
+    c.data.mean = IMAGENET_MEAN
+    c.data.std = IMAGENET_STD
+    c.data.shuffle_buffer = 10_000
+    c.data.cache = False
+    c.data.prefetch = 2
+
+    c.batch_size = 4096
+    c.eval_batch_size = 1024
+    c.num_epochs = 300.0
+    c.num_train_steps = -1  # > 0 overrides num_epochs.
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"  # adamw | sgd
+    c.optim.learning_rate = 1e-3  # peak, for the global batch_size above
+    c.optim.end_learning_rate = 1e-5
+    c.optim.schedule = "cosine"  # cosine | linear | constant
+    c.optim.warmup_steps = 10_000
+    c.optim.warmup_epochs = -1.0  # > 0 overrides warmup_steps
+    c.optim.weight_decay = 0.05
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.momentum = 0.9
+    c.optim.nesterov = True
+    c.optim.grad_clip_norm = 1.0  # <= 0 disables.
+    c.optim.ema_decay = 0.0  # > 0 keeps an EMA of the parameters, used for evaluation.
+
+    c.log_every_steps = 100
+    c.eval_every_steps = 5_000
+    c.checkpoint_every_steps = 5_000
+    c.keep_checkpoints = 3
+    c.init_checkpoint = ""  # used only when the workdir holds no checkpoint.
+    return c
+
+
+def imagenet(
+    c: ml_collections.ConfigDict,
+    *,
+    res: int = 224,
+    randaugment: tuple[int, int] = (2, 15),
+    mixup_alpha: float = 0.8,
+    cutmix_alpha: float = 0.0,
+    label_smoothing: float = 0.1,
+) -> ml_collections.ConfigDict:
+    """ImageNet-1k (tfds ``imagenet2012``) with the papers' Inception-crop recipe."""
+    c.data.name = "imagenet2012"
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    c.data.num_classes = 1000
+    c.data.image_size = res
+    c.data.inception_crop = True
+    c.data.flip = True
+    c.data.randaugment_layers, c.data.randaugment_magnitude = randaugment
+    c.data.mixup_alpha = mixup_alpha
+    c.data.cutmix_alpha = cutmix_alpha
+    c.data.label_smoothing = label_smoothing
+    return c
+
+
+def digits(c: ml_collections.ConfigDict, *, res: int = 32) -> ml_collections.ConfigDict:
+    """The embedded scikit-learn digits (1,797 real 8x8 scans, 10 classes) as a quick start.
+
+    Trains the full-size model on CPU in minutes: no flips (digits are not mirror
+    symmetric), a mild random-resized crop, no RandAugment/mixup, short schedule.
+    """
+    c.data.name = "digits"
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    c.data.num_classes = 10
+    c.data.image_size = res
+    c.data.crop_pct = 1.0
+    c.data.inception_crop = True
+    c.data.inception_min_area = 0.6
+    c.data.flip = False
+    c.data.randaugment_layers = c.data.randaugment_magnitude = 0
+    c.data.mixup_alpha = c.data.cutmix_alpha = 0.0
+    c.data.label_smoothing = 0.1
+    c.data.mean = (0.5, 0.5, 0.5)
+    c.data.std = (0.5, 0.5, 0.5)
+    c.data.shuffle_buffer = 2_000
+    c.data.cache = True
+    c.batch_size = 64
+    c.eval_batch_size = 128
+    c.num_epochs = 15.0
+    c.optim.name = "adamw"
+    c.optim.learning_rate = 1e-3
+    c.optim.end_learning_rate = 1e-5
+    c.optim.schedule = "cosine"
+    c.optim.warmup_epochs = 1.0
+    c.optim.weight_decay = 0.05
+    c.optim.grad_clip_norm = 1.0
+    c.optim.ema_decay = 0.0
+    c.log_every_steps = 20
+    c.eval_every_steps = 100
+    c.checkpoint_every_steps = 100
+    c.keep_checkpoints = 2
+    return c

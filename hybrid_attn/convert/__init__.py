@@ -1,0 +1,1 @@
+"""Importers of other frameworks' weights onto our parameter trees."""

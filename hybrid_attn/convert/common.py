@@ -1,0 +1,81 @@
+"""Tensor layout helpers shared by the per-family timm converters."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+
+def to_numpy(t) -> np.ndarray:
+    """A torch tensor or array-like as a float32/int numpy array (no torch import)."""
+    if hasattr(t, "detach"):
+        t = t.detach().cpu().numpy()
+    return np.asarray(t)
+
+
+def conv_kernel(w) -> np.ndarray:
+    """PyTorch conv weight [out, in/groups, kh, kw] -> flax [kh, kw, in/groups, out]."""
+    return np.transpose(to_numpy(w), (2, 3, 1, 0))
+
+
+def dense_kernel(w) -> np.ndarray:
+    """PyTorch linear weight [out, in] (or a 1x1 conv [out, in, 1, 1]) -> flax [in, out]."""
+    w = to_numpy(w)
+    if w.ndim == 4:
+        w = w[:, :, 0, 0]
+    return w.T
+
+
+def batch_norm(sd: Mapping, prefix: str) -> tuple[dict, dict]:
+    """A PyTorch BatchNorm's tensors -> (params, batch_stats) for ``flax.linen.BatchNorm``."""
+    params = {"scale": to_numpy(sd[f"{prefix}.weight"]), "bias": to_numpy(sd[f"{prefix}.bias"])}
+    stats = {"mean": to_numpy(sd[f"{prefix}.running_mean"]),
+             "var": to_numpy(sd[f"{prefix}.running_var"])}
+    return params, stats
+
+
+def layer_norm(sd: Mapping, prefix: str) -> dict:
+    """A PyTorch LayerNorm's tensors -> params for ``flax.linen.LayerNorm``."""
+    return {"scale": to_numpy(sd[f"{prefix}.weight"]), "bias": to_numpy(sd[f"{prefix}.bias"])}
+
+
+def dense(sd: Mapping, prefix: str) -> dict:
+    """A PyTorch Linear (or 1x1 conv) -> params for ``flax.linen.Dense``."""
+    out = {"kernel": dense_kernel(sd[f"{prefix}.weight"])}
+    if f"{prefix}.bias" in sd:
+        out["bias"] = to_numpy(sd[f"{prefix}.bias"])
+    return out
+
+
+def conv(sd: Mapping, prefix: str) -> dict:
+    """A PyTorch Conv2d -> params for ``flax.linen.Conv``."""
+    out = {"kernel": conv_kernel(sd[f"{prefix}.weight"])}
+    if f"{prefix}.bias" in sd:
+        out["bias"] = to_numpy(sd[f"{prefix}.bias"])
+    return out
+
+
+def check_shapes(converted: Mapping, reference: Mapping, path: str = "") -> None:
+    """Raises ValueError naming every leaf whose shape differs from ``reference`` or is
+    missing/extra, so a wrong mapping fails at load time rather than deep inside XLA."""
+    problems: list[str] = []
+
+    def walk(a, b, p):
+        if isinstance(b, Mapping):
+            if not isinstance(a, Mapping):
+                problems.append(f"{p}: expected a subtree, got {type(a).__name__}")
+                return
+            for key in sorted(set(a) | set(b)):
+                if key not in a:
+                    problems.append(f"{p}/{key}: missing from converted weights")
+                elif key not in b:
+                    problems.append(f"{p}/{key}: not a variable of the model")
+                else:
+                    walk(a[key], b[key], f"{p}/{key}")
+        elif tuple(np.shape(a)) != tuple(b.shape):
+            problems.append(f"{p}: expected shape {tuple(b.shape)}, got {tuple(np.shape(a))}")
+
+    walk(converted, reference, path)
+    if problems:
+        raise ValueError("Converted weights do not fit the model:\n  " + "\n  ".join(problems))

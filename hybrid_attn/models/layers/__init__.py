@@ -1,0 +1,1 @@
+"""Shared building blocks. Layers never import a model family."""
