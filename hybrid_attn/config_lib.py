@@ -172,3 +172,50 @@ def digits(c: ml_collections.ConfigDict, *, res: int = 32) -> ml_collections.Con
     c.checkpoint_every_steps = 100
     c.keep_checkpoints = 2
     return c
+
+
+def build(
+    arg: str | None,
+    *,
+    model_name: str,
+    res: int = 224,
+    batch_size: int = 4096,
+    num_epochs: float = 300.0,
+    model: dict | None = None,
+    optim: dict | None = None,
+    data: dict | None = None,
+    digits_model: dict | None = None,
+    digits_res: int = 32,
+) -> ml_collections.ConfigDict:
+    """The standard experiment config: the paper's ImageNet recipe, or the digits quick start.
+
+    ``arg`` (the text after ``:`` in ``--config=FILE:ARG``) accepts:
+      ``digits``          the embedded digits quick start instead of ImageNet;
+      ``res=N``           input resolution (e.g. ``res=384`` to fine-tune);
+      ``batch=N``         global batch size (learning rate is *not* rescaled);
+      ``epochs=X``        training epochs;  ``steps=N`` a fixed number of steps instead;
+      ``bf16``            bfloat16 compute with float32 parameters.
+    ``model``/``optim``/``data`` override the ImageNet recipe's sections; ``digits_model``
+    overrides ``model`` for the quick start (e.g. a lower drop-path rate).
+    """
+    a = parse_arg(arg, digits=False, res=0, batch=0, epochs=0.0, steps=0, bf16=False)
+    c = base_config(model_name)
+    c.model.update(model or {})
+    if a.digits:
+        digits(c, res=a.res or digits_res)
+        c.model.update(digits_model or {})
+    else:
+        imagenet(c, res=a.res or res)
+        c.batch_size = batch_size
+        c.num_epochs = num_epochs
+        c.optim.update(optim or {})
+        c.data.update(data or {})
+    if a.batch:
+        c.batch_size = a.batch
+    if a.epochs:
+        c.num_epochs = a.epochs
+    if a.steps:
+        c.num_train_steps = a.steps
+    if a.bf16:
+        c.compute_dtype = "bfloat16"
+    return c
