@@ -1,0 +1,225 @@
+"""Bottleneck ResNets (He et al. 2016), the baseline every hybrid family is measured against.
+
+The network is written once with two extension points, so BoTNet and SASA are ResNets
+with some spatial operations swapped rather than copies:
+
+* ``stem``: a factory ``stem(name="stem")`` returning a module called as ``m(x, train=)``;
+  None is the standard 7x7/2 conv + BN + ReLU + 3x3/2 max pool (:class:`ConvStem`).
+* ``spatial(stage_index, block_index)``: picks each bottleneck's spatial operation. It
+  returns None (the 3x3 conv carrying the stride) or a :data:`SpatialFactory`, called as
+  ``factory(features=..., strides=..., name="spatial")`` and returning a module called as
+  ``m(x, train=)`` that maps ``[B, H, W, features]`` to ``[B, H/strides, W/strides,
+  features]`` (attention replacements attend, then 2x2 average pool when ``strides=2``).
+
+``stage_index`` counts from 0 (``stage_sizes[0]``, the paper's c2, parameters ``stage1``)
+and ``block_index`` from 0 within the stage. Parameter names are ``stem``,
+``stage1``..``stage4`` / ``block0``.. / ``conv1``, ``bn1``, ``conv2`` (or ``spatial``),
+``bn2``, ``conv3``, ``bn3``, ``se``, ``shortcut_conv``, ``shortcut_bn``, and ``head``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hybrid_attn.models.layers.non_local import NonLocalBlock
+from hybrid_attn.models.layers.regularization import DropPath, drop_path_rates
+from hybrid_attn.models.layers.squeeze_excite import SqueezeExcite
+
+Dtype = Any
+Activation = Callable[[jax.Array], jax.Array]
+SpatialFactory = Callable[..., nn.Module]
+StemFactory = Callable[..., nn.Module]
+SpatialChooser = Callable[[int, int], SpatialFactory | None]
+
+# PyTorch's default BatchNorm (momentum 0.1 there is 0.9 here), the checkpoint convention.
+BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+
+
+def conv(
+    features: int, kernel: int, strides: int = 1, *, name: str, dtype: Dtype,
+    param_dtype: Dtype,
+) -> nn.Conv:
+    """A bias-free square conv padded by ``kernel // 2`` on every side.
+
+    Symmetric padding (PyTorch's) rather than "SAME": for stride 2 on an even input SAME
+    pads (k//2 - 1, k//2), which shifts every output pixel relative to published weights.
+    """
+    return nn.Conv(
+        features, (kernel, kernel), (strides, strides), padding=[(kernel // 2, kernel // 2)] * 2,
+        use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name,
+        kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+    )
+
+
+class ConvStem(nn.Module):
+    """The standard ResNet stem: 7x7/2 conv -> BN -> activation -> 3x3/2 max pool (/4)."""
+
+    width: int = 64
+    activation: Activation = nn.relu
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        x = conv(self.width, 7, 2, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        x = BatchNorm(use_running_average=not train, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="bn")(x)
+        x = self.activation(x)
+        return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+
+
+class BottleneckBlock(nn.Module):
+    """1x1 conv -> BN -> act -> spatial op -> BN -> act -> 1x1 conv (4x) -> BN -> [SE] -> +.
+
+    The last BN's scale starts at zero (Goyal et al. 2017) so every block starts as the
+    identity. The shortcut is a strided 1x1 conv + BN whenever the shape changes.
+
+    Attributes:
+      features: bottleneck width; the block outputs ``4 * features`` channels.
+      strides: 1 or 2, carried by the spatial op.
+      spatial: None for the 3x3 conv (``conv2``), else a :data:`SpatialFactory`.
+      se_ratio: squeeze-excitation after the last BN with ``se_ratio * 4 * features``
+        hidden units (0 disables).
+      activation: the block's nonlinearity (ReLU; SiLU in BoTNet-S1).
+      drop_path_rate: stochastic depth on the residual branch.
+    """
+
+    features: int
+    strides: int = 1
+    spatial: SpatialFactory | None = None
+    se_ratio: float = 0.0
+    activation: Activation = nn.relu
+    drop_path_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        bn = functools.partial(BatchNorm, use_running_average=not train, **dt)
+        out_features = 4 * self.features
+        y = conv(self.features, 1, name="conv1", **dt)(x)
+        y = self.activation(bn(name="bn1")(y))
+        if self.spatial is None:
+            y = conv(self.features, 3, self.strides, name="conv2", **dt)(y)
+        else:
+            y = self.spatial(features=self.features, strides=self.strides, name="spatial")(
+                y, train=train)
+        y = self.activation(bn(name="bn2")(y))
+        y = conv(out_features, 1, name="conv3", **dt)(y)
+        y = bn(name="bn3", scale_init=nn.initializers.zeros)(y)
+        if self.se_ratio > 0:
+            y = SqueezeExcite(max(1, int(out_features * self.se_ratio)), self.activation,
+                              name="se", **dt)(y)
+        y = DropPath(self.drop_path_rate)(y, train=train)
+        if self.strides != 1 or x.shape[-1] != out_features:
+            x = conv(out_features, 1, self.strides, name="shortcut_conv", **dt)(x)
+            x = bn(name="shortcut_bn")(x)
+        return self.activation(x + y)
+
+
+class ResNetStage(nn.Module):
+    """One stage (c2..c5): ``num_blocks`` bottlenecks, the first carrying the stride.
+
+    ``non_local`` inserts a :class:`NonLocalBlock` (``nonlocal``) right before the last
+    block, Wang et al. 2018's single-block placement.
+    """
+
+    num_blocks: int
+    features: int
+    strides: int
+    stage_index: int
+    spatial: SpatialChooser | None = None
+    se_ratio: float = 0.0
+    se_in_spatial_blocks: bool = True
+    activation: Activation = nn.relu
+    drop_path_rates: Sequence[float] = ()
+    non_local: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        for i in range(self.num_blocks):
+            if self.non_local and i == self.num_blocks - 1:
+                x = NonLocalBlock(dtype=self.dtype, param_dtype=self.param_dtype,
+                                  name="nonlocal")(x, train=train)
+            factory = self.spatial(self.stage_index, i) if self.spatial is not None else None
+            se = self.se_ratio if factory is None or self.se_in_spatial_blocks else 0.0
+            x = BottleneckBlock(
+                self.features, self.strides if i == 0 else 1, factory, se, self.activation,
+                self.drop_path_rates[i] if self.drop_path_rates else 0.0,
+                dtype=self.dtype, param_dtype=self.param_dtype, name=f"block{i}",
+            )(x, train=train)
+        return x
+
+
+class ResNet(nn.Module):
+    """A bottleneck ResNet with pluggable stem and per-block spatial operations.
+
+    Attributes:
+      stage_sizes: blocks per stage (c2..c5), e.g. ``(3, 4, 6, 3)`` for ResNet-50.
+      num_classes: classifier width; 0 returns the pooled features instead of logits.
+      width: bottleneck width of the first stage (doubled per stage; the stem outputs it).
+      stem: None for :class:`ConvStem`, else a factory called as ``stem(name="stem")``.
+      spatial: ``spatial(stage_index, block_index) -> SpatialFactory | None``.
+      se_ratio: squeeze-excitation ratio of the expanded width (0 disables).
+      se_in_spatial_blocks: whether blocks with a replaced spatial op get SE too.
+      activation: nonlinearity everywhere (ReLU; SiLU for BoTNet-S1).
+      last_stride: stride of the last stage (2; 1 for BoTNet-S1's unstrided c5).
+      non_local_stages: stage indices that get a non-local block before their last block.
+      drop_path_rate: stochastic depth rising linearly to this over all blocks.
+    """
+
+    stage_sizes: Sequence[int]
+    num_classes: int = 1000
+    width: int = 64
+    stem: StemFactory | None = None
+    spatial: SpatialChooser | None = None
+    se_ratio: float = 0.0
+    se_in_spatial_blocks: bool = True
+    activation: Activation = nn.relu
+    last_stride: int = 2
+    non_local_stages: Sequence[int] = ()
+    drop_path_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        if x.ndim != 4:
+            raise ValueError(f"ResNet expects NHWC images, got shape {x.shape}")
+        x = x.astype(self.dtype)
+        if self.stem is None:
+            x = ConvStem(self.width, self.activation, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name="stem")(x, train=train)
+        else:
+            x = self.stem(name="stem")(x, train=train)
+        rates = drop_path_rates(self.drop_path_rate, list(self.stage_sizes))
+        last = len(self.stage_sizes) - 1
+        for s, n in enumerate(self.stage_sizes):
+            x = ResNetStage(
+                n, self.width * 2**s, 1 if s == 0 else (self.last_stride if s == last else 2),
+                s, self.spatial, self.se_ratio, self.se_in_spatial_blocks, self.activation,
+                rates[s], s in self.non_local_stages, dtype=self.dtype,
+                param_dtype=self.param_dtype, name=f"stage{s + 1}",
+            )(x, train=train)
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        if self.num_classes == 0:
+            return x
+        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="head")(x.astype(self.dtype))
+        return x.astype(jnp.float32)
+
+
+resnet26 = functools.partial(ResNet, stage_sizes=(1, 2, 4, 1))
+resnet38 = functools.partial(ResNet, stage_sizes=(2, 3, 5, 2))
+resnet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
+resnet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3))
+resnet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3))
