@@ -1,0 +1,106 @@
+"""Trainer: the action schedule, multi-device equivalence, and exact resume."""
+
+import os
+import signal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from hybrid_attn import config_lib, optim, sharding, train
+
+
+class TinyNet(nn.Module):
+    """Conv + BatchNorm + dropout + Dense: exercises batch_stats and the dropout rng."""
+
+    num_classes: int = 10
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        x = nn.Conv(8, (3, 3), strides=2, use_bias=False, dtype=self.dtype)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        x = nn.relu(x).mean(axis=(1, 2))
+        x = nn.Dropout(0.2, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+def test_actions_for_step_periods_and_last_step():
+    kw = dict(log_every=10, eval_every=50, checkpoint_every=20)
+    a = [train.actions_for_step(s, 100, **kw) for s in range(1, 101)]
+    assert [s for s, x in enumerate(a, 1) if x.log] == list(range(10, 101, 10))
+    assert [s for s, x in enumerate(a, 1) if x.evaluate] == [50, 100]
+    assert [s for s, x in enumerate(a, 1) if x.checkpoint] == [20, 40, 60, 80, 100]
+    # The last step does everything even when it is off-period; disabled periods stay off.
+    last = train.actions_for_step(7, 7, log_every=5, eval_every=0, checkpoint_every=-1)
+    assert last == train.Actions(log=True, evaluate=True, checkpoint=True)
+    mid = train.actions_for_step(3, 7, log_every=5, eval_every=0, checkpoint_every=0)
+    assert mid == train.Actions(log=False, evaluate=False, checkpoint=False)
+    # A stop request checkpoints (and logs) but does not evaluate.
+    stop = train.actions_for_step(3, 7, log_every=5, eval_every=5, checkpoint_every=5,
+                                  stop_requested=True)
+    assert stop == train.Actions(log=True, evaluate=False, checkpoint=True)
+
+
+def test_schedule_warmup_and_cosine_end():
+    cfg = optim.OptimConfig(learning_rate=1.0, end_learning_rate=0.01, warmup_steps=10)
+    s = optim.make_schedule(cfg, 110)
+    np.testing.assert_allclose([s(0), s(5), s(10)], [0.0, 0.5, 1.0], atol=1e-6)
+    np.testing.assert_allclose(s(60), 0.01 + 0.99 * 0.5, atol=1e-4)  # cosine midpoint
+    np.testing.assert_allclose(s(110), 0.01, atol=1e-6)
+
+
+def test_weight_decay_mask_only_kernels():
+    params = {"conv": {"kernel": jnp.ones((3, 3, 1, 2)), "bias": jnp.ones(2)},
+              "norm": {"scale": jnp.ones(2), "bias": jnp.ones(2)},
+              "attn": {"relative_bias_table": jnp.ones((3, 3, 2))}}
+    mask = optim.decay_mask(params)
+    assert mask == {"conv": {"kernel": True, "bias": False},
+                    "norm": {"scale": False, "bias": False},
+                    "attn": {"relative_bias_table": False}}
+    # And AdamW really leaves masked leaves undecayed when the gradient is zero.
+    cfg = optim.OptimConfig(learning_rate=0.1, weight_decay=0.5, warmup_steps=0,
+                            schedule="constant", grad_clip_norm=0.0)
+    tx = optim.make_optimizer(cfg, optim.make_schedule(cfg, 10))
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(new["conv"]["kernel"], 1 - 0.1 * 0.5)
+    np.testing.assert_allclose(new["attn"]["relative_bias_table"], 1.0)
+    np.testing.assert_allclose(new["norm"]["scale"], 1.0)
+
+
+def _one_step(mesh, batch):
+    model = TinyNet()
+    cfg = optim.OptimConfig(learning_rate=0.1, warmup_steps=0, schedule="constant")
+    schedule = optim.make_schedule(cfg, 10)
+    tx = optim.make_optimizer(cfg, schedule)
+    rng = jax.random.PRNGKey(0)
+    state, shardings = train.create_train_state(model, tx, rng, (1, 8, 8, 3), mesh, ema=True)
+    step = train.make_train_step(model, tx, schedule, rng, 0.9, shardings, mesh)
+    state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+    return jax.device_get(state), {k: float(v) for k, v in metrics.compute().items()}
+
+
+def test_train_step_same_on_8_devices_as_on_1():
+    assert jax.device_count() == 8, "conftest.py sets 8 fake CPU devices"
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
+             "label": np.eye(10, dtype=np.float32)[rng.integers(0, 10, 16)]}
+    state1, m1 = _one_step(sharding.make_mesh(jax.devices()[:1]), batch)
+    state8, m8 = _one_step(sharding.make_mesh(), batch)
+    assert m1["loss"] == pytest.approx(m8["loss"], rel=1e-5)
+    assert m1["grad_norm"] == pytest.approx(m8["grad_norm"], rel=1e-4)
+    for a, b in zip(jax.tree_util.tree_leaves(state1), jax.tree_util.tree_leaves(state8)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # The update really moved the parameters and the BatchNorm statistics.
+    assert int(state8.step) == 1
+    assert float(np.abs(state8.batch_stats["BatchNorm_0"]["mean"]).sum()) > 0
+
+
+def test_batch_size_must_split_over_devices():
+    with pytest.raises(ValueError, match="divisible by the number of devices"):
+        sharding.check_batch_size(12, sharding.make_mesh())
