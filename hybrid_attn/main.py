@@ -17,12 +17,18 @@ config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/coatnet0.py:digits", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard events.")
+flags.DEFINE_bool(
+    "jax_distributed", False,
+    "Call jax.distributed.initialize() first (multi-host TPU pods, SLURM/GPU clusters).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.jax_distributed:
+        jax.distributed.initialize()
     logging.info("JAX process %d of %d; %d local / %d global devices: %s",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count(), jax.devices())
