@@ -26,13 +26,18 @@ def _attention() -> MultiHeadAttention:
                               position=RelativeBias2D(parent=None))
 
 
+def _apply(params, x) -> np.ndarray:
+    """Jitted: one small compile is faster than dispatching the attention op by op."""
+    return np.asarray(jax.jit(_attention().apply)({"params": params}, jnp.asarray(x)))
+
+
 def _random_variables(seed: int = 0):
     """Attention variables at H x W with a random table (a distinct one per head)."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((2, H, W, C)).astype(np.float32)
     params = jax.tree_util.tree_map(
         lambda p: rng.standard_normal(p.shape).astype(np.float32),
-        _attention().init(jax.random.PRNGKey(0), jnp.asarray(x))["params"],
+        jax.eval_shape(_attention().init, jax.random.PRNGKey(0), x)["params"],
     )
     return x, params
 
@@ -41,7 +46,7 @@ def test_attention_with_relative_bias_matches_brute_force_loops():
     x, params = _random_variables()
     table = params["position"]["relative_bias_table"]
     assert table.shape == (2 * H - 1, 2 * W - 1, HEADS)
-    got = np.asarray(_attention().apply({"params": params}, jnp.asarray(x)))
+    got = _apply(params, x)
 
     kernel = params["qkv"]["kernel"].astype(np.float64)
     bias = params["qkv"]["bias"].astype(np.float64)
@@ -66,8 +71,8 @@ def test_bias_term_matches_loops_and_table_gets_gradient():
     table = np.random.default_rng(1).standard_normal((2 * H - 1, 2 * W - 1, HEADS))
     table = jnp.asarray(table, jnp.float32)
     q = jnp.zeros((1, H * W, HEADS, D))
-    term = lambda t: RelativeBias2D().apply(  # noqa: E731
-        {"params": {"relative_bias_table": t}}, q, (H, W), (H, W))
+    term = jax.jit(lambda t: RelativeBias2D().apply(
+        {"params": {"relative_bias_table": t}}, q, (H, W), (H, W)))
     got = np.asarray(term(table))
     assert got.shape == (HEADS, H * W, H * W)
     for i in range(H * W):
@@ -85,7 +90,8 @@ def test_bias_term_matches_loops_and_table_gets_gradient():
 def test_gradient_reaches_every_table_entry_through_attention():
     x, params = _random_variables(2)
     cot = np.random.default_rng(3).standard_normal((2, H, W, HEADS * D))
-    grads = jax.grad(lambda p: jnp.sum(_attention().apply({"params": p}, x) * cot))(params)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(_attention().apply({"params": p}, x) * cot)))(
+        params)
     assert np.all(np.asarray(grads["position"]["relative_bias_table"]) != 0)
 
 
@@ -117,7 +123,7 @@ def test_resize_tables_in_a_tree_then_apply_at_the_new_size():
     resized = resize_relative_bias_tables(params, _attention(), new)
     assert resized["position"]["relative_bias_table"].shape == (7, 13, HEADS)
     np.testing.assert_array_equal(resized["qkv"]["kernel"], params["qkv"]["kernel"])
-    out = _attention().apply({"params": resized}, jnp.ones(new))
+    out = _apply(resized, np.ones(new, np.float32))
     assert out.shape == (1, 4, 7, HEADS * D) and np.all(np.isfinite(out))
     same = resize_relative_bias_tables(params, _attention(), x.shape)
     np.testing.assert_array_equal(same["position"]["relative_bias_table"],

@@ -1,0 +1,158 @@
+"""timm CoAtNet (``maxxvit.py``: ``coatnet_0_224`` ... ``coatnet_4_224``) -> our ``CoAtNet``.
+
+The model must be built with the same sizes as the timm one (depths, widths, stem width,
+``pre_logits`` for timm's ``head_hidden_size``). Name mapping, timm -> ours:
+
+    stem.conv1 / norm1 / conv2                  stem/conv1 / norm1 / conv2
+    stages.{i}.blocks.{j}                        stage{i+1}/block{j}
+      MBConv: shortcut.expand, pre_norm,         shortcut, pre_norm,
+              conv1_1x1, norm1, conv2_kxk,       expand_conv, expand_norm, dw_conv,
+              norm2, se.fc1, se.fc2, conv3_1x1   dw_norm, se/reduce, se/expand, project_conv
+      Transformer: shortcut.expand, norm1(.norm) shortcut, norm1,
+              attn.qkv, attn.proj,               attn/qkv, attn/proj,
+              attn.rel_pos.relative_position_bias_table   attn/position/relative_bias_table
+              norm2, mlp.fc1, mlp.fc2            norm2, mlp/fc1, mlp/fc2
+    head.norm, head.pre_logits.fc, head.fc       head_norm, pre_logits, head
+
+timm's fused ``qkv`` output channels are ordered ``[heads, 3, head_dim]`` (its
+``head_first`` layout); ours are ``[3, heads, head_dim]``. Its bias tables are flat
+``[(2H-1)(2W-1), heads]``; ours are ``[2H-1, 2W-1, heads]``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from hybrid_attn.convert import common
+from hybrid_attn.models.layers.relative_bias import TABLE_NAME
+
+_IGNORED = ("num_batches_tracked", "relative_position_index")
+
+
+class _Tracked(dict):
+    """A state dict that remembers which keys were read, to report unmapped tensors."""
+
+    def __init__(self, sd: Mapping):
+        super().__init__(sd)
+        self.used: set[str] = set()
+
+    def __getitem__(self, key: str):
+        self.used.add(key)
+        return super().__getitem__(key)
+
+
+def _qkv(sd: Mapping, prefix: str, head_dim: int) -> dict:
+    """timm's head-first fused qkv ``[heads, 3, d]`` channels -> our ``[3, heads, d]``."""
+    out = common.dense(sd, prefix)
+    c_in, c3 = out["kernel"].shape
+    heads = c3 // (3 * head_dim)
+    out["kernel"] = (out["kernel"].reshape(c_in, heads, 3, head_dim)
+                     .transpose(0, 2, 1, 3).reshape(c_in, c3))
+    out["bias"] = out["bias"].reshape(heads, 3, head_dim).transpose(1, 0, 2).reshape(c3)
+    return out
+
+
+def _table(flat: np.ndarray, shape: tuple[int, ...] | None, name: str) -> np.ndarray:
+    """A flat ``[(2H-1)(2W-1), heads]`` table -> ``[2H-1, 2W-1, heads]``.
+
+    ``shape`` is the model's table shape at the intended input size; without it the
+    table must come from a square map (as every published checkpoint does).
+    """
+    n, heads = flat.shape
+    if shape is None:
+        side = int(round(np.sqrt(n)))
+        if side * side != n:
+            raise ValueError(
+                f"{name}: a table of {n} offsets is not from a square map; pass "
+                "image_shape to convert() so the model's table shape can be used"
+            )
+        shape = (side, side, heads)
+    if shape[0] * shape[1] != n or shape[2] != heads:
+        raise ValueError(f"{name}: timm table {flat.shape} cannot be reshaped to {shape}")
+    return flat.reshape(shape)
+
+
+def _mbconv(sd: Mapping, p: str) -> tuple[dict, dict]:
+    params, stats = {}, {}
+    for theirs, ours in (("pre_norm", "pre_norm"), ("norm1", "expand_norm"),
+                         ("norm2", "dw_norm")):
+        params[ours], stats[ours] = common.batch_norm(sd, f"{p}.{theirs}")
+    for theirs, ours in (("conv1_1x1", "expand_conv"), ("conv2_kxk", "dw_conv"),
+                         ("conv3_1x1", "project_conv")):
+        params[ours] = common.conv(sd, f"{p}.{theirs}")
+    params["se"] = {"reduce": common.dense(sd, f"{p}.se.fc1"),
+                    "expand": common.dense(sd, f"{p}.se.fc2")}
+    if f"{p}.shortcut.expand.weight" in sd:
+        params["shortcut"] = common.conv(sd, f"{p}.shortcut.expand")
+    return params, stats
+
+
+def _transformer(sd: Mapping, p: str, head_dim: int, table_shape) -> dict:
+    norm1 = f"{p}.norm1.norm" if f"{p}.norm1.norm.weight" in sd else f"{p}.norm1"
+    table = f"{p}.attn.rel_pos.relative_position_bias_table"
+    params = {
+        "norm1": common.layer_norm(sd, norm1),
+        "attn": {"qkv": _qkv(sd, f"{p}.attn.qkv", head_dim),
+                 "proj": common.dense(sd, f"{p}.attn.proj"),
+                 "position": {TABLE_NAME: _table(common.to_numpy(sd[table]), table_shape,
+                                                 table)}},
+        "norm2": common.layer_norm(sd, f"{p}.norm2"),
+        "mlp": {"fc1": common.dense(sd, f"{p}.mlp.fc1"), "fc2": common.dense(sd, f"{p}.mlp.fc2")},
+    }
+    if f"{p}.shortcut.expand.weight" in sd:
+        params["shortcut"] = common.dense(sd, f"{p}.shortcut.expand")
+    return params
+
+
+def convert(
+    state_dict: Mapping, model: nn.Module, image_shape: Sequence[int] | None = None
+) -> dict:
+    """Maps a timm CoAtNet state dict onto ``model``'s ``{'params', 'batch_stats'}``.
+
+    ``image_shape`` (NHWC) is only needed for tables from a non-square input (timm models
+    built with a non-square ``img_size``); published checkpoints are square.
+
+    Raises:
+      ValueError: for a tensor of the state dict that has no place in the model.
+    """
+    sd = _Tracked(state_dict)
+    table_shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
+    if image_shape is not None:
+        ref = jax.eval_shape(
+            lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(image_shape), train=False)
+        )["params"]
+        table_shapes = {k[:2]: v.shape for k, v in traverse_util.flatten_dict(ref).items()
+                        if k[-1] == TABLE_NAME}
+
+    stem_norm, stem_stats = common.batch_norm(sd, "stem.norm1")
+    params = {"stem": {"conv1": common.conv(sd, "stem.conv1"), "norm1": stem_norm,
+                       "conv2": common.conv(sd, "stem.conv2")}}
+    stats = {"stem": {"norm1": stem_stats}}
+    blocks = sorted({(int(m[1]), int(m[2])) for k in state_dict
+                     if (m := re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", k))})
+    for i, j in blocks:
+        stage, block, p = f"stage{i + 1}", f"block{j}", f"stages.{i}.blocks.{j}"
+        if f"{p}.conv1_1x1.weight" in sd:
+            bp, bs = _mbconv(sd, p)
+            stats.setdefault(stage, {})[block] = bs
+        else:
+            bp = _transformer(sd, p, model.head_dim, table_shapes.get((stage, block)))
+        params.setdefault(stage, {})[block] = bp
+
+    norm = "head.norm" if "head.norm.weight" in sd else "norm"
+    params["head_norm"] = common.layer_norm(sd, norm)
+    if "head.pre_logits.fc.weight" in sd:
+        params["pre_logits"] = common.dense(sd, "head.pre_logits.fc")
+    params["head"] = common.dense(sd, "head.fc")
+
+    unused = sorted(k for k in state_dict if k not in sd.used and not k.endswith(_IGNORED))
+    if unused:
+        raise ValueError("timm tensors with no place in CoAtNet: " + ", ".join(unused))
+    return {"params": params, "batch_stats": stats}

@@ -1,0 +1,196 @@
+"""CoAtNet (Dai et al. 2021): convolution stages followed by relative-attention stages.
+
+Layout (Table 3): S0 a two-conv stem, S1 and S2 pre-norm MBConv blocks, S3 and S4
+pre-norm transformer blocks with relative attention (Eq. 3), each stage halving the
+resolution in its first block; global average pooling and a classifier.
+
+Where the paper is silent the model follows the published code as ported by timm
+(``maxxvit.py``, ``coatnet_0_224`` ...), so timm weights load and reproduce its logits:
+MBConv expansion and squeeze-excitation sized from the output width, SiLU inside the
+squeeze-excitation, a LayerNorm before the classifier. Deliberate deviations from the
+paper's text each have a field:
+  * ``stride_at="depthwise"``: downsampling MBConv blocks stride their depthwise conv as
+    the published code does; ``"expand"`` strides the first 1x1 conv as the paper's
+    formula does (Table 3's FLOPs; 7-10% less compute).
+  * ``pre_logits=True``: a tanh Dense layer of the final width before the classifier, as
+    in the published code and timm. It is part of the paper's parameter counts (without it
+    CoAtNet-0 has 24.4M parameters instead of 25M).
+
+Parameter counts at 224 (``jax.eval_shape``; paper Table 3 in brackets): CoAtNet-0 25.04M
+(25M), -1 42.23M (42M), -2 74.68M (75M), -3 166.97M (168M), -4 275.43M (275M).
+
+Input height and width must be multiples of 32 (five stride-2 stages); the relative bias
+tables are sized from the traced input, see ``layers/relative_bias.py`` for resizing.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hybrid_attn.models.layers.attention import MultiHeadAttention
+from hybrid_attn.models.layers.mbconv import ConvStem, MBConv, StrideAt, avg_pool2
+from hybrid_attn.models.layers.mlp import Mlp
+from hybrid_attn.models.layers.regularization import DropPath, drop_path_rates
+from hybrid_attn.models.layers.relative_bias import RelativeBias2D
+
+Dtype = Any
+REDUCTION = 32  # total stride: the stem and four stages each halve the resolution
+
+
+def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+    """LayerNorm with eps 1e-6 (timm's CoAtNet) and two-pass float32 statistics."""
+    return nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=dtype,
+                        param_dtype=param_dtype, name=name)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block with relative attention (Dai et al. 2021, Eq. 4-5):
+
+        x <- shortcut(x) + DropPath(Attention(Pool(LN(x))))
+        x <- x + DropPath(FFN(LN(x)))
+
+    With ``strides=2`` ``Pool`` is 2x2 average pooling and ``shortcut`` is that pooling
+    followed by a Dense projection to ``features``; otherwise both are the identity. The
+    attention maps the input width to ``features`` with ``features // head_dim`` heads and
+    a :class:`RelativeBias2D` table sized from the (pooled) map.
+    """
+
+    features: int
+    strides: int = 1
+    head_dim: int = 32
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        if self.features % self.head_dim:
+            raise ValueError(
+                f"Transformer width {self.features} is not a multiple of head_dim {self.head_dim}"
+            )
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = layer_norm(self.dtype, self.param_dtype, "norm1")(x)
+        if self.strides == 2:
+            x, y = avg_pool2(x), avg_pool2(y)
+        if x.shape[-1] != self.features:
+            x = nn.Dense(self.features, name="shortcut", **kw)(x)
+        y = MultiHeadAttention(
+            num_heads=self.features // self.head_dim, head_dim=self.head_dim,
+            out_features=self.features, name="attn", **kw,
+            position=RelativeBias2D(param_dtype=self.param_dtype, parent=None),
+        )(y, train=train)
+        x = x + DropPath(self.drop_path)(y, train=train)
+        y = layer_norm(self.dtype, self.param_dtype, "norm2")(x)
+        y = Mlp(int(self.features * self.mlp_ratio), name="mlp", **kw)(y, train=train)
+        return x + DropPath(self.drop_path)(y, train=train)
+
+
+class Stage(nn.Module):
+    """One stage: ``depth`` blocks of one kind ('C' MBConv or 'T' transformer), the first
+    with stride 2, named ``block0`` ... ; its output is sown as ``intermediates/output``."""
+
+    kind: str
+    depth: int
+    features: int
+    drop_path: Sequence[float]
+    head_dim: int = 32
+    stride_at: StrideAt = "depthwise"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        for b in range(self.depth):
+            strides, rate, name = 2 if b == 0 else 1, self.drop_path[b], f"block{b}"
+            if self.kind == "C":
+                block = MBConv(self.features, strides, stride_at=self.stride_at,
+                               drop_path=rate, name=name, **kw)
+            elif self.kind == "T":
+                block = TransformerBlock(self.features, strides, head_dim=self.head_dim,
+                                         drop_path=rate, name=name, **kw)
+            else:
+                raise ValueError(f"Unknown block type {self.kind!r}; use 'C' or 'T'")
+            x = block(x, train=train)
+        self.sow("intermediates", "output", x)
+        return x
+
+
+class CoAtNet(nn.Module):
+    """CoAtNet classifier. Variables: ``params`` and ``batch_stats`` (MBConv BatchNorms).
+
+    Parameter tree: ``stem`` {conv1, norm1, conv2}; ``stage1`` .. ``stage4`` each with
+    ``block0`` ...; ``head_norm``, ``pre_logits``, ``head``. Stage outputs (strides 4 .. 32)
+    are sown as ``intermediates/stage{i}/output`` (``apply(..., mutable=["intermediates"])``).
+
+    Attributes:
+      depths: blocks in S1..S4 (the paper's L1..L4; S0 is always two convs).
+      widths: channels of S1..S4 (D1..D4).
+      stem_width: channels of S0 (D0).
+      block_types: 'C' (MBConv) or 'T' (transformer) per stage; the paper's C-C-T-T.
+      head_dim: transformer head dimension (32 in the paper).
+      stride_at: where downsampling MBConv blocks stride, see the module docstring.
+      pre_logits: tanh Dense layer before the classifier, see the module docstring.
+      drop_path_rate: stochastic depth, rising linearly to this rate over S1..S4 blocks.
+      dropout: dropout before the classifier.
+    """
+
+    depths: Sequence[int] = (2, 3, 5, 2)
+    widths: Sequence[int] = (96, 192, 384, 768)
+    stem_width: int = 64
+    block_types: Sequence[str] = ("C", "C", "T", "T")
+    head_dim: int = 32
+    stride_at: StrideAt = "depthwise"
+    pre_logits: bool = True
+    num_classes: int = 1000
+    drop_path_rate: float = 0.0
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        if x.ndim != 4:
+            raise ValueError(f"CoAtNet expects NHWC images, got shape {x.shape}")
+        h, w = x.shape[1:3]
+        if h % REDUCTION or w % REDUCTION:
+            raise ValueError(
+                f"CoAtNet needs input height and width that are multiples of {REDUCTION} "
+                f"(five stride-2 stages); got {h}x{w}"
+            )
+        if not len(self.depths) == len(self.widths) == len(self.block_types) == 4:
+            raise ValueError("depths, widths and block_types need one entry per stage S1..S4")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = ConvStem(self.stem_width, name="stem", **kw)(x.astype(self.dtype), train=train)
+        rates = drop_path_rates(self.drop_path_rate, self.depths)
+        for s, (depth, width, kind) in enumerate(zip(self.depths, self.widths,
+                                                     self.block_types)):
+            x = Stage(kind, depth, width, drop_path=tuple(rates[s]), head_dim=self.head_dim,
+                      stride_at=self.stride_at, name=f"stage{s + 1}", **kw)(x, train=train)
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        x = layer_norm(self.dtype, self.param_dtype, "head_norm")(x)
+        if self.pre_logits:
+            x = jnp.tanh(nn.Dense(self.widths[-1], name="pre_logits", **kw)(x))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        x = nn.Dense(self.num_classes, name="head", **kw)(x)
+        return x.astype(jnp.float32)
+
+
+# Table 3 of the paper (S1..S4 blocks and widths; S0 width as stem_width).
+coatnet_0 = functools.partial(CoAtNet, depths=(2, 3, 5, 2), widths=(96, 192, 384, 768),
+                              stem_width=64)
+coatnet_1 = functools.partial(CoAtNet, depths=(2, 6, 14, 2), widths=(96, 192, 384, 768),
+                              stem_width=64)
+coatnet_2 = functools.partial(CoAtNet, depths=(2, 6, 14, 2), widths=(128, 256, 512, 1024),
+                              stem_width=128)
+coatnet_3 = functools.partial(CoAtNet, depths=(2, 6, 14, 2), widths=(192, 384, 768, 1536),
+                              stem_width=192)
+coatnet_4 = functools.partial(CoAtNet, depths=(2, 12, 28, 2), widths=(192, 384, 768, 1536),
+                              stem_width=192)

@@ -1,0 +1,126 @@
+"""CoAtNet's convolutional pieces: the S0 stem and the pre-norm MBConv block.
+
+Both follow Dai et al. 2021 (Sec. 3.3, Table 3) in the form of the published code / timm's
+``MbConvBlock`` and ``Stem``: pre-activation BatchNorm, exact GELU, squeeze-excitation
+sized from the block's output width, symmetric padding (so timm weights load unchanged).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hybrid_attn.models.layers.regularization import DropPath
+from hybrid_attn.models.layers.squeeze_excite import SqueezeExcite
+
+Dtype = Any
+StrideAt = Literal["depthwise", "expand"]
+
+# EfficientNet / timm initialisation: N(0, 2 / fan_out) for convolutions. For a depthwise
+# kernel [k, k, 1, C] timm's fan_out (k*k*C / groups) equals flax's fan_in (k*k).
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+depthwise_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, as ``torch.nn.GELU()`` in the published implementations."""
+    return nn.gelu(x, approximate=False)
+
+
+def batch_norm(train: bool, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.BatchNorm:
+    """The house BatchNorm (PyTorch momentum 0.1, eps 1e-5); statistics in float32."""
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5,
+        dtype=dtype, param_dtype=param_dtype, name=name,
+    )
+
+
+def avg_pool2(x: jax.Array) -> jax.Array:
+    """2x2 average pooling with stride 2 (timm's ``avg2`` downsampling), in float32."""
+    return nn.avg_pool(x.astype(jnp.float32), (2, 2), strides=(2, 2)).astype(x.dtype)
+
+
+class ConvStem(nn.Module):
+    """Stage S0: 3x3 conv stride 2 -> BN -> GELU -> 3x3 conv (no biases).
+
+    No normalisation after the second conv: the first pre-norm MBConv block normalises it.
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        conv = lambda strides, name: nn.Conv(  # noqa: E731
+            self.features, (3, 3), strides, padding=((1, 1), (1, 1)), use_bias=False,
+            kernel_init=conv_init, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        )
+        x = conv(2, "conv1")(x)
+        x = gelu(batch_norm(train, self.dtype, self.param_dtype, "norm1")(x))
+        return conv(1, "conv2")(x)
+
+
+class MBConv(nn.Module):
+    """Pre-norm inverted residual (Dai et al. 2021, Eq. 5 with Conv = MBConv):
+
+        x <- shortcut(x) + DropPath(Proj(SE(DWConv(Expand(BN(x))))))
+
+    ``Expand`` is 1x1 conv -> BN -> GELU to ``expand_ratio * features`` channels, ``DWConv``
+    a depthwise kxk conv -> BN -> GELU, ``SE`` squeeze-excitation with a SiLU bottleneck of
+    ``se_ratio * features`` channels, ``Proj`` a 1x1 conv with bias to ``features``. With
+    ``strides=2`` the shortcut is 2x2 average pooling then a 1x1 conv, and the residual
+    branch strides either its depthwise conv (``stride_at="depthwise"``: the published code
+    and timm) or its first 1x1 conv (``"expand"``: the paper's formula, whose FLOPs Table 3
+    reports; the depthwise conv then runs at a quarter of the positions).
+
+    Attributes:
+      features: output channels.
+      strides: 1, or 2 for the first block of a stage.
+      stride_at: where the residual branch downsamples, see above.
+      drop_path: stochastic depth rate of the residual branch.
+    """
+
+    features: int
+    strides: int = 1
+    expand_ratio: float = 4.0
+    se_ratio: float = 0.25
+    kernel_size: int = 3
+    stride_at: StrideAt = "depthwise"
+    drop_path: float = 0.0
+    activation: Callable[[jax.Array], jax.Array] = gelu
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        if self.strides not in (1, 2):
+            raise ValueError(f"MBConv strides must be 1 or 2, got {self.strides}")
+        if self.stride_at not in ("depthwise", "expand"):
+            raise ValueError(f"stride_at must be 'depthwise' or 'expand', got {self.stride_at!r}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        hidden = int(self.features * self.expand_ratio)
+        s = self.strides
+        expand_s, dw_s = (s, 1) if self.stride_at == "expand" else (1, s)
+
+        shortcut = avg_pool2(x) if s == 2 else x
+        if shortcut.shape[-1] != self.features:
+            shortcut = nn.Conv(self.features, (1, 1), kernel_init=conv_init, name="shortcut",
+                               **kw)(shortcut)
+
+        y = batch_norm(train, self.dtype, self.param_dtype, "pre_norm")(x)
+        y = nn.Conv(hidden, (1, 1), expand_s, use_bias=False, kernel_init=conv_init,
+                    name="expand_conv", **kw)(y)
+        y = self.activation(batch_norm(train, self.dtype, self.param_dtype, "expand_norm")(y))
+        k, p = self.kernel_size, (self.kernel_size - 1) // 2
+        y = nn.Conv(hidden, (k, k), dw_s, padding=((p, p), (p, p)), feature_group_count=hidden,
+                    use_bias=False, kernel_init=depthwise_init, name="dw_conv", **kw)(y)
+        y = self.activation(batch_norm(train, self.dtype, self.param_dtype, "dw_norm")(y))
+        y = SqueezeExcite(int(self.se_ratio * self.features), activation=nn.silu, name="se",
+                          **kw)(y)
+        y = nn.Conv(self.features, (1, 1), kernel_init=conv_init, name="project_conv", **kw)(y)
+        return shortcut + DropPath(self.drop_path)(y, train=train)
