@@ -59,7 +59,7 @@ class RelativeBias2D(nn.Module):
                 raise ValueError(
                     f"{'/'.join(self.scope.path)}/{TABLE_NAME} has shape {actual} but the "
                     f"{h}x{w} feature map of this input needs {shape} "
-                    f"([2H-1, 2W-1, heads]); the parameters were made for another input size. "
+                    "([2H-1, 2W-1, heads]); the parameters were made for another input size. "
                     "Resize them first with hybrid_attn.models.layers.relative_bias."
                     "resize_relative_bias_tables(params, model, input_shape)."
                 )
