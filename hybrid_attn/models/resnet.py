@@ -85,7 +85,7 @@ class BottleneckBlock(nn.Module):
       strides: 1 or 2, carried by the spatial op.
       spatial: None for the 3x3 conv (``conv2``), else a :data:`SpatialFactory`.
       se_ratio: squeeze-excitation after the last BN with ``se_ratio * 4 * features``
-        hidden units (0 disables).
+        hidden units and a ReLU inside, as in SE-ResNet and ResNet-RS (0 disables).
       activation: the block's nonlinearity (ReLU; SiLU in BoTNet-S1).
       drop_path_rate: stochastic depth on the residual branch.
     """
@@ -115,7 +115,7 @@ class BottleneckBlock(nn.Module):
         y = conv(out_features, 1, name="conv3", **dt)(y)
         y = bn(name="bn3", scale_init=nn.initializers.zeros)(y)
         if self.se_ratio > 0:
-            y = SqueezeExcite(max(1, int(out_features * self.se_ratio)), self.activation,
+            y = SqueezeExcite(max(1, int(out_features * self.se_ratio)), nn.relu,
                               name="se", **dt)(y)
         y = DropPath(self.drop_path_rate)(y, train=train)
         if self.strides != 1 or x.shape[-1] != out_features:
@@ -125,17 +125,15 @@ class BottleneckBlock(nn.Module):
 
 
 class ResNetStage(nn.Module):
-    """One stage (c2..c5): ``num_blocks`` bottlenecks, the first carrying the stride.
+    """One stage (c2..c5): one bottleneck per entry of ``spatial``, the first strided.
 
     ``non_local`` inserts a :class:`NonLocalBlock` (``nonlocal``) right before the last
     block, Wang et al. 2018's single-block placement.
     """
 
-    num_blocks: int
+    spatial: Sequence[SpatialFactory | None]
     features: int
     strides: int
-    stage_index: int
-    spatial: SpatialChooser | None = None
     se_ratio: float = 0.0
     se_in_spatial_blocks: bool = True
     activation: Activation = nn.relu
@@ -146,11 +144,11 @@ class ResNetStage(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        for i in range(self.num_blocks):
-            if self.non_local and i == self.num_blocks - 1:
+        n = len(self.spatial)
+        for i, factory in enumerate(self.spatial):
+            if self.non_local and i == n - 1:
                 x = NonLocalBlock(dtype=self.dtype, param_dtype=self.param_dtype,
                                   name="nonlocal")(x, train=train)
-            factory = self.spatial(self.stage_index, i) if self.spatial is not None else None
             se = self.se_ratio if factory is None or self.se_in_spatial_blocks else 0.0
             x = BottleneckBlock(
                 self.features, self.strides if i == 0 else 1, factory, se, self.activation,
@@ -205,10 +203,10 @@ class ResNet(nn.Module):
         last = len(self.stage_sizes) - 1
         for s, n in enumerate(self.stage_sizes):
             x = ResNetStage(
-                n, self.width * 2**s, 1 if s == 0 else (self.last_stride if s == last else 2),
-                s, self.spatial, self.se_ratio, self.se_in_spatial_blocks, self.activation,
-                rates[s], s in self.non_local_stages, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=f"stage{s + 1}",
+                tuple(self.block_spatial(s, i) for i in range(n)), self.width * 2**s,
+                1 if s == 0 else (self.last_stride if s == last else 2), self.se_ratio,
+                self.se_in_spatial_blocks, self.activation, rates[s], s in self.non_local_stages,
+                dtype=self.dtype, param_dtype=self.param_dtype, name=f"stage{s + 1}",
             )(x, train=train)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         if self.num_classes == 0:
@@ -216,6 +214,11 @@ class ResNet(nn.Module):
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="head")(x.astype(self.dtype))
         return x.astype(jnp.float32)
+
+    def block_spatial(self, stage_index: int, block_index: int) -> SpatialFactory | None:
+        """The spatial op of one block: ``self.spatial``'s choice; subclasses may override
+        (BoTNet picks attention for its attention stages)."""
+        return self.spatial(stage_index, block_index) if self.spatial is not None else None
 
 
 resnet26 = functools.partial(ResNet, stage_sizes=(1, 2, 4, 1))
