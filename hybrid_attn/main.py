@@ -24,7 +24,18 @@ flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _quiet_third_party_info() -> None:
+    """Keeps the console to our progress lines: drops INFO records from orbax and tfds."""
+    noisy = ("/orbax/", "/tensorflow_datasets/", "/clu/metric_writers/")
+
+    def keep(record) -> bool:
+        return record.levelno >= logging.WARNING or not any(n in record.pathname for n in noisy)
+
+    logging.get_absl_handler().addFilter(keep)
+
+
 def main(argv: list[str]) -> None:
+    _quiet_third_party_info()
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if FLAGS.jax_distributed:

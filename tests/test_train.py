@@ -104,3 +104,52 @@ def test_train_step_same_on_8_devices_as_on_1():
 def test_batch_size_must_split_over_devices():
     with pytest.raises(ValueError, match="divisible by the number of devices"):
         sharding.check_batch_size(12, sharding.make_mesh())
+
+
+def _digits_config(data_dir: str):
+    c = config_lib.build("digits,steps=6", model_name="unused")
+    c.data.data_dir = data_dir
+    c.data.image_size = 16
+    c.batch_size, c.eval_batch_size = 32, 64
+    c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 2, 0, 4
+    return c
+
+
+def _saved_params(workdir, step):
+    from hybrid_attn import checkpoint
+
+    return checkpoint.load_variables(os.path.join(workdir, "checkpoints", str(step)))
+
+
+def test_resume_after_sigterm_matches_uninterrupted_run(monkeypatch, tmp_path):
+    """Stopped by SIGTERM midway and rerun, training ends with the same parameters."""
+    from hybrid_attn.data import input_pipeline
+
+    monkeypatch.setattr(train, "build_model", lambda c: TinyNet(c.data.num_classes))
+    config = _digits_config(str(tmp_path / "data"))
+    full = train.train_and_evaluate(config, str(tmp_path / "full"))
+    assert full["num_examples"] == 360  # the whole digits test split, each example once
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "full"))
+
+    original = input_pipeline.train_iterator
+
+    def sigterm_during_third_batch(*args, **kwargs):
+        for i, batch in enumerate(original(*args, **kwargs)):
+            if i == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(input_pipeline, "train_iterator", sigterm_during_third_batch)
+    stopped = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert stopped == {}
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["3"]
+
+    monkeypatch.setattr(input_pipeline, "train_iterator", original)
+    resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    a, b = _saved_params(tmp_path / "full", 6), _saved_params(tmp_path / "resumed", 6)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    assert resumed["accuracy"] == pytest.approx(full["accuracy"])
+    # A third run finds the final checkpoint and only evaluates.
+    again = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert again["accuracy"] == pytest.approx(full["accuracy"])
