@@ -154,3 +154,17 @@ def test_configs(name):
     assert c.data.image_size == S1_RESOLUTIONS.get(name, 224)
     assert (quick.data.name, quick.data.image_size) == ("digits", 32)
     get_model(c.model_name, **c.model)
+
+
+@pytest.mark.parametrize("position", ["relative", "absolute"])
+def test_bfloat16_compute(position):
+    """bf16 activations through the attention, float32 parameters and logits."""
+    model = get_model("botnet50", width=8, num_classes=5, dtype=jnp.bfloat16, position=position)
+    x = jnp.zeros((1, 64, 64, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+    assert {a.dtype for a in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.float32)}
+    out, inter = jax.eval_shape(lambda v: model.apply(v, x, train=False,
+                                                      capture_intermediates=True), variables)
+    assert out.dtype == jnp.float32
+    spatial = inter["intermediates"]["stage4"]["block1"]["spatial"]["__call__"][0]
+    assert spatial.dtype == jnp.bfloat16
