@@ -130,6 +130,19 @@ def test_blocked_attention_without_halo_is_window_attention():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_halo_covering_the_map_is_global_attention():
+    """Blocks of 2x3 whose halo reaches every pixel: each query sees exactly the image's
+    keys (the halo's out-of-image keys are masked, not zero tokens)."""
+    rng = np.random.default_rng(6)
+    q, k, v = (rng.normal(size=(1, 5, 7, 2, 4)).astype(np.float32) for _ in range(3))
+    run = jax.jit(blocked_attention, static_argnames=("block", "halo"))
+    got = np.asarray(run(q, k, v, block=(2, 3), halo=(4, 6)))
+    flat = [t.reshape(1, 35, 2, 4) for t in (q, k, v)]
+    weights = _softmax(np.einsum("bqhd,bkhd->bhqk", flat[0], flat[1]) / 2.0)
+    want = np.einsum("bhqk,bkhd->bqhd", weights, flat[2]).reshape(got.shape)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_row_chunks_do_not_change_gradients():
     x = np.random.default_rng(4).normal(size=(1, 6, 5, 4)).astype(np.float32)
     chunked = LocalSelfAttention(8, num_heads=2, kernel_size=3, block_size=2, row_chunk=1)
@@ -152,7 +165,7 @@ def test_bfloat16_compute_stays_close_to_float32():
 
 
 def test_temporary_memory_is_bounded():
-    """Issue's setting (batch 8, 56x56x64, 8 heads, k=7): measured 6.9x the map with the
+    """Issue's setting (batch 8, 56x56x64, 8 heads, k=7): measured 6.4x the map with the
     default row chunks versus 27x with every block at once (and 148x for a naive unfold).
     """
     x = jax.ShapeDtypeStruct((8, 56, 56, 64), jnp.float32)

@@ -119,7 +119,8 @@ class SASAResNet(nn.Module):
             )
         stages = tuple(self.attention_stages)
         self.resnet = ResNet(
-            tuple(self.stage_sizes), self.num_classes, self.width, stem=stem,
+            stage_sizes=tuple(self.stage_sizes), num_classes=self.num_classes,
+            width=self.width, stem=stem,
             spatial=lambda stage, block: spatial if stage in stages else None,
             drop_path_rate=self.drop_path_rate, **dt,
         )
