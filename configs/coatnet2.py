@@ -9,7 +9,7 @@ Command:   python -m hybrid_attn.main --config=configs/coatnet2.py --workdir=WOR
 Hardware:  a TPU v3-128 / v4-64 slice or 32 A100s; roughly 4 days for 300 epochs
            (CoAtNet-0's time scaled by FLOPs, about 4x; not measured).
 Fine-tune: res=384 with init_checkpoint set; the relative bias tables of the 224
-           checkpoint must be resized (layers.relative_bias.resize_relative_bias_tables).
+           checkpoint must be resized (hybrid_attn.models.resize_position_tables).
 Quick start (CPU, no download): --config=configs/coatnet2.py:digits trains the same
            full-size model on the embedded digits; about 4x slower than CoAtNet-0's.
 Arguments: digits | res=N | batch=N | epochs=X | steps=N | bf16  (see config_lib.build).

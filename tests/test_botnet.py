@@ -15,7 +15,8 @@ from test_resnet import ROOT, count_params, load_golden, random_variables
 from hybrid_attn.convert.timm import convert_timm
 from hybrid_attn.convert.timm_botnet import convert_block
 from hybrid_attn.models import get_model
-from hybrid_attn.models.botnet import S1_RESOLUTIONS, BoTAttention, resize_position_tables
+from hybrid_attn.models import resize_position_tables
+from hybrid_attn.models.botnet import S1_RESOLUTIONS, BoTAttention
 from hybrid_attn.models.resnet import BottleneckBlock
 
 # The tiny ByobNets of tests/goldens/generate_botnet.py: widths 8..64, blocks 1,1,2,2.
@@ -124,7 +125,7 @@ def test_input_size_mismatch_and_resize():
     with pytest.raises(ValueError, match=r"stage4/block0/spatial/position/rel_height has 7 rows"
                                          r".*height 4.*6x4 map \(11 rows\)"):
         jax.eval_shape(functools.partial(model.apply, train=False), variables, new)
-    resized = resize_position_tables(model, variables, new.shape)
+    resized = dict(variables, params=resize_position_tables(variables["params"], model, new.shape))
     pos = resized["params"]["stage4"]["block0"]["spatial"]["position"]
     assert pos["rel_height"].shape == (11, 16) and pos["rel_width"].shape == (7, 16)
     assert resized["params"]["stage4"]["block1"]["spatial"]["position"]["rel_height"].shape[0] == 5

@@ -14,9 +14,8 @@ import pytest
 
 from hybrid_attn.convert import timm_coatnet
 from hybrid_attn.convert.timm import convert_timm
-from hybrid_attn.models import get_model
+from hybrid_attn.models import get_model, resize_position_tables
 from hybrid_attn.models.coatnet import CoAtNet
-from hybrid_attn.models.layers.relative_bias import resize_relative_bias_tables
 
 GOLDENS = pathlib.Path(__file__).parent / "goldens"
 IMAGE_224 = (1, 224, 224, 3)
@@ -129,9 +128,9 @@ def test_tables_from_another_size_fail_clearly_and_resize():
     x = jnp.zeros((2, 64, 96, 3))
     with pytest.raises(ValueError, match=r"stage3/block0/attn/position/relative_bias_table has "
                                          r"shape \(7, 7, 2\) but the 4x6 feature map of this "
-                                         r"input needs \(7, 11, 2\).*resize_relative_bias_tables"):
+                                         r"input needs \(7, 11, 2\).*resize_position_tables"):
         jax.eval_shape(lambda: model.apply(variables, x, train=False))
-    params = resize_relative_bias_tables(variables["params"], model, x.shape)
+    params = resize_position_tables(variables["params"], model, x.shape)
     assert params["stage4"]["block1"]["attn"]["position"]["relative_bias_table"].shape == (3, 5, 3)
     logits = _apply(model, {**variables, "params": params}, x)
     assert logits.shape == (2, 10) and np.all(np.isfinite(logits))

@@ -11,11 +11,8 @@ import numpy as np
 import pytest
 
 from hybrid_attn.models.layers.attention import MultiHeadAttention
-from hybrid_attn.models.layers.relative_bias import (
-    RelativeBias2D,
-    resize_relative_bias,
-    resize_relative_bias_tables,
-)
+from hybrid_attn.models import resize_position_tables
+from hybrid_attn.models.layers.relative_bias import RelativeBias2D, resize_relative_bias
 
 H, W, HEADS, D, C = 3, 5, 3, 4, 6  # non-square, so swapped rows/columns cannot pass
 GOLDENS = pathlib.Path(__file__).parent / "goldens"
@@ -98,7 +95,7 @@ def test_gradient_reaches_every_table_entry_through_attention():
 def test_table_for_another_map_is_a_clear_error():
     x, params = _random_variables()
     with pytest.raises(ValueError, match=r"has shape \(5, 9, 3\) but the 4x5 feature map of "
-                                         r"this input needs \(7, 9, 3\).*resize_relative_bias"):
+                                         r"this input needs \(7, 9, 3\).*resize_position_tables"):
         _attention().apply({"params": params}, jnp.zeros((1, 4, W, C)))
     with pytest.raises(ValueError, match=r"query map \(3, 5\) and key map \(5, 3\)"):
         RelativeBias2D().init(jax.random.PRNGKey(0), jnp.zeros((1, H * W, HEADS, D)),
@@ -120,11 +117,11 @@ def test_resize_matches_timm(case):
 def test_resize_tables_in_a_tree_then_apply_at_the_new_size():
     x, params = _random_variables()
     new = (1, 4, 7, C)
-    resized = resize_relative_bias_tables(params, _attention(), new)
+    resized = resize_position_tables(params, _attention(), new)
     assert resized["position"]["relative_bias_table"].shape == (7, 13, HEADS)
     np.testing.assert_array_equal(resized["qkv"]["kernel"], params["qkv"]["kernel"])
     out = _apply(resized, np.ones(new, np.float32))
     assert out.shape == (1, 4, 7, HEADS * D) and np.all(np.isfinite(out))
-    same = resize_relative_bias_tables(params, _attention(), x.shape)
+    same = resize_position_tables(params, _attention(), x.shape)
     np.testing.assert_array_equal(same["position"]["relative_bias_table"],
                                   params["position"]["relative_bias_table"])

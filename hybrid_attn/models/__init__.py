@@ -13,6 +13,8 @@ import importlib
 
 import flax.linen as nn
 
+from hybrid_attn.models.position_tables import resize_position_tables
+
 _FAMILIES: dict[str, tuple[str, ...]] = {
     "coatnet": tuple(f"coatnet_{i}" for i in range(5)),
     "resnet": ("resnet26", "resnet38", "resnet50", "resnet101", "resnet152"),
@@ -23,6 +25,9 @@ _FAMILIES: dict[str, tuple[str, ...]] = {
 _REGISTRY: dict[str, str] = {
     name: family for family, names in _FAMILIES.items() for name in names
 }
+
+
+__all__ = ["get_model", "list_models", "resize_position_tables"]
 
 
 def list_models() -> list[str]:

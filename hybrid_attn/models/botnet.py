@@ -21,22 +21,21 @@ activation follow as in the ResNet block.
   (33.7/54.9/75.4/54.2/75.5M, within 0.7% of the table). tests/test_botnet.py pins both.
 
 The relative tables are sized from the traced feature map; another input size raises a
-ValueError naming both sizes, and :func:`resize_position_tables` resamples a trained
-model's tables for fine-tuning at a new resolution (e.g. 224 -> 384).
+ValueError naming both sizes, and ``hybrid_attn.models.resize_position_tables`` resamples
+a trained model's tables for fine-tuning at a new resolution (e.g. 224 -> 384).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.core import unfreeze
 
 from hybrid_attn.models.layers.attention import MultiHeadAttention
-from hybrid_attn.models.layers.relative_logits import POSITION_KINDS, position_term, resize_table
+from hybrid_attn.models.layers.relative_logits import POSITION_KINDS, position_term
 from hybrid_attn.models.resnet import Dtype, ResNet, SpatialFactory
 
 
@@ -121,29 +120,3 @@ botnet_s1_t7 = functools.partial(BoTNet, stage_sizes=(3, 4, 23, 12), **_S1)
 # The T-family's training / evaluation resolutions (the paper's T-table).
 S1_RESOLUTIONS = {"botnet_s1_t3": 224, "botnet_s1_t4": 224, "botnet_s1_t5": 256,
                   "botnet_s1_t6": 320, "botnet_s1_t7": 384}
-
-_TABLE_NAMES = ("rel_height", "rel_width", "abs_height", "abs_width")
-
-
-def resize_position_tables(
-    model: nn.Module, variables: Mapping, image_shape: tuple[int, int, int, int]
-) -> dict:
-    """Resamples every position table in ``variables`` to the maps of ``image_shape``.
-
-    The target sizes come from ``model``'s own shapes at the new input (``jax.eval_shape``,
-    no compute), so blocks at different resolutions (the strided first c5 block attends
-    on the c4 map) each get theirs. Other variables are returned unchanged.
-    """
-    target = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(image_shape), train=False)
-    )
-
-    def resize(path, leaf, ref):
-        if getattr(path[-1], "key", None) in _TABLE_NAMES:
-            return resize_table(leaf, ref.shape[0])
-        return leaf
-
-    variables = unfreeze(variables)
-    return jax.tree_util.tree_map_with_path(
-        resize, variables, {k: target[k] for k in variables}
-    )

@@ -6,19 +6,18 @@ Over an H x W map the offsets take (2H-1) x (2W-1) values, so each head owns a t
 that size. The table is stored as ``relative_bias_table`` with shape ``[2H-1, 2W-1, heads]``
 (timm's flat ``[(2H-1)(2W-1), heads]`` table reshaped row-major), sized from the traced
 query map: parameters made at one resolution must be resized with
-:func:`resize_relative_bias_tables` before use at another.
+``hybrid_attn.models.resize_position_tables`` before use at another.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 from numpy.typing import ArrayLike
 
 TABLE_NAME = "relative_bias_table"
@@ -60,8 +59,8 @@ class RelativeBias2D(nn.Module):
                     f"{'/'.join(self.scope.path)}/{TABLE_NAME} has shape {actual} but the "
                     f"{h}x{w} feature map of this input needs {shape} "
                     "([2H-1, 2W-1, heads]); the parameters were made for another input size. "
-                    "Resize them first with hybrid_attn.models.layers.relative_bias."
-                    "resize_relative_bias_tables(params, model, input_shape)."
+                    "Resize them first with "
+                    "hybrid_attn.models.resize_position_tables(params, model, input_shape)."
                 )
         table = self.param(TABLE_NAME, self.table_init, shape, self.param_dtype)
         rows, cols = _offset_indices(h, w)
@@ -118,24 +117,3 @@ def resize_relative_bias(table: ArrayLike, new_hw: Sequence[int]) -> np.ndarray:
             out = _interp_axis(out, axis, *_beit_positions(src, dst))
     return out.astype(table.dtype)
 
-
-def resize_relative_bias_tables(
-    params: Mapping, model: nn.Module, input_shape: Sequence[int]
-) -> dict:
-    """Resizes every ``relative_bias_table`` in ``params`` for ``model`` at ``input_shape``.
-
-    ``input_shape`` is the NHWC shape the parameters will be applied to (e.g.
-    ``(1, 384, 384, 3)`` to fine-tune 224 weights at 384). The target table sizes come from
-    ``jax.eval_shape`` of ``model.init`` at that shape, so no computation is spent and any
-    model built from :class:`RelativeBias2D` is covered. Other leaves are returned as is.
-    """
-    target = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(input_shape), train=False)
-    )["params"]
-    target_flat = traverse_util.flatten_dict(target)
-    flat = traverse_util.flatten_dict(params)
-    for path, leaf in flat.items():
-        if path[-1] == TABLE_NAME and path in target_flat:
-            rows, cols, _ = target_flat[path].shape
-            flat[path] = resize_relative_bias(leaf, ((rows + 1) // 2, (cols + 1) // 2))
-    return traverse_util.unflatten_dict(flat)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 Dtype = Any
 
 POSITION_KINDS = ("relative", "absolute", "none")
+TABLE_NAMES = ("rel_height", "rel_width", "abs_height", "abs_width")
 
 
 def relative_index(n: int) -> jax.Array:
@@ -67,7 +68,7 @@ class _Position2D(nn.Module):
                     f"{'/'.join(self.path)}/{name} has {have} rows, built for a feature map "
                     f"of {axis} {built}, but this input gives a {map_hw[0]}x{map_hw[1]} map "
                     f"({rows} rows). Resize the tables for the new resolution first "
-                    f"(hybrid_attn.models.botnet.resize_position_tables)."
+                    f"(hybrid_attn.models.resize_position_tables)."
                 )
         table = self.param(name, nn.initializers.normal(dim**-0.5), (rows, dim), self.param_dtype)
         return table.astype(self.dtype)
