@@ -155,6 +155,14 @@ def test_every_spatial_convolution_is_attention():
     assert set(shapes[""]["stem"]) == {"qk", "value", "emb_row", "emb_col", "mixture", "norm"}
 
 
+def test_no_parameter_depends_on_the_resolution():
+    """The relative tables are sized by the window, so 224 -> 384 fine-tuning (or any
+    non-square input) loads the same checkpoint without resizing."""
+    model = get_model("sasa_resnet26", width=16, num_classes=10)
+    small = jax.tree_util.tree_map(jnp.shape, _shapes(model, (1, 32, 32, 3)))
+    assert jax.tree_util.tree_map(jnp.shape, _shapes(model, (1, 96, 64, 3))) == small
+
+
 def test_attention_stages_keep_convolutions_elsewhere():
     model = get_model("sasa_resnet26_convstem", width=16, attention_stages=(2, 3))
     params = _shapes(model, (1, 32, 32, 3))["params"]
