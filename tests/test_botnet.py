@@ -14,8 +14,7 @@ from test_resnet import ROOT, count_params, load_golden, random_variables
 
 from hybrid_attn.convert.timm import convert_timm
 from hybrid_attn.convert.timm_botnet import convert_block
-from hybrid_attn.models import get_model
-from hybrid_attn.models import resize_position_tables
+from hybrid_attn.models import get_model, resize_position_tables
 from hybrid_attn.models.botnet import S1_RESOLUTIONS, BoTAttention
 from hybrid_attn.models.resnet import BottleneckBlock
 

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hybrid_attn.models.layers.attention import MultiHeadAttention
 from hybrid_attn.models import resize_position_tables
+from hybrid_attn.models.layers.attention import MultiHeadAttention
 from hybrid_attn.models.layers.relative_bias import RelativeBias2D, resize_relative_bias
 
 H, W, HEADS, D, C = 3, 5, 3, 4, 6  # non-square, so swapped rows/columns cannot pass
