@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from hybrid_attn import checkpoint, evaluate, optim, sharding
 from hybrid_attn.data import input_pipeline
-from hybrid_attn.models import get_model
+from hybrid_attn.models import get_model, resize_position_tables
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -209,15 +209,25 @@ class _StopRequest:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def _initial_state(
-    config: ml_collections.ConfigDict, state: TrainState, ckpt: checkpoint.Checkpointer
+def initial_state(
+    state: TrainState,
+    ckpt: checkpoint.Checkpointer,
+    *,
+    init_checkpoint: str,
+    model: nn.Module,
+    image_shape: tuple[int, ...],
 ) -> tuple[TrainState, str]:
-    """Resume order: the workdir's newest checkpoint, else ``init_checkpoint``, else scratch."""
+    """Resume order: the workdir's newest checkpoint, else ``init_checkpoint``, else scratch.
+
+    ``init_checkpoint`` (weights only, fresh optimizer) may come from another resolution:
+    its position tables are resized for ``image_shape`` (e.g. 224 -> 384 fine-tuning).
+    """
     latest = ckpt.latest_step()
     if latest is not None:
         return ckpt.restore(state), f"workdir checkpoint at step {latest}"
-    if config.init_checkpoint:
-        loaded = checkpoint.load_variables(config.init_checkpoint)
+    if init_checkpoint:
+        loaded = checkpoint.load_variables(init_checkpoint)
+        loaded["params"] = resize_position_tables(loaded["params"], model, image_shape)
         params = jax.tree_util.tree_map(
             lambda new, old: jax.device_put(jnp.asarray(old, new.dtype), new.sharding),
             state.params, loaded["params"],
@@ -228,7 +238,7 @@ def _initial_state(
         )
         state = state.replace(params=params, batch_stats=batch_stats,
                               ema_params=params if state.ema_params is not None else None)
-        return state, f"init_checkpoint {config.init_checkpoint} (fresh optimizer)"
+        return state, f"init_checkpoint {init_checkpoint} (fresh optimizer)"
     return state, "scratch"
 
 
@@ -262,7 +272,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-    state, source = _initial_state(config, state, ckpt)
+    state, source = initial_state(state, ckpt, init_checkpoint=config.init_checkpoint,
+                                  model=model, image_shape=image_shape)
     start_step = int(state.step)
     logging.info("Model %s: %.2fM parameters; %d steps (%d per epoch), batch %d; starting "
                  "from %s.", config.model_name, num_params / 1e6, total_steps,

@@ -153,3 +153,43 @@ def test_resume_after_sigterm_matches_uninterrupted_run(monkeypatch, tmp_path):
     # A third run finds the final checkpoint and only evaluates.
     again = train.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert again["accuracy"] == pytest.approx(full["accuracy"])
+
+
+def test_init_checkpoint_from_another_resolution_resizes_tables(tmp_path):
+    """Fine-tuning: weights saved at 64x64 start a 96x64 run with resized relative tables
+    and a fresh optimizer; a workdir checkpoint would take precedence."""
+    from hybrid_attn import checkpoint
+    from hybrid_attn.models import get_model
+
+    model = get_model("coatnet_0", num_classes=3, depths=(1, 1, 1, 1), widths=(8, 8, 16, 16),
+                      stem_width=8, head_dim=8)
+    tx = optax.adamw(1e-3)
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    rng = jax.random.PRNGKey(0)
+    old, _ = train.create_train_state(model, tx, rng, (1, 64, 64, 3), mesh, ema=False)
+    saver = checkpoint.Checkpointer(str(tmp_path / "pretrain"))
+    saver.save(7, old)
+    saver.close()
+
+    new, _ = train.create_train_state(model, tx, jax.random.PRNGKey(1), (1, 96, 64, 3), mesh,
+                                      ema=False)
+    fresh = checkpoint.Checkpointer(str(tmp_path / "finetune"))
+    state, source = train.initial_state(
+        new, fresh, init_checkpoint=str(tmp_path / "pretrain" / "checkpoints" / "7"),
+        model=model, image_shape=(1, 96, 64, 3))
+    assert source.startswith("init_checkpoint")
+    table = ("stage3", "block0", "attn", "position", "relative_bias_table")
+
+    def leaf(tree, path):
+        for k in path:
+            tree = tree[k]
+        return tree
+
+    assert leaf(old.params, table).shape[:2] == (7, 7)   # 4x4 map at 64x64
+    assert leaf(state.params, table).shape[:2] == (11, 7)  # 6x4 map at 96x64
+    np.testing.assert_array_equal(state.params["head"]["kernel"], old.params["head"]["kernel"])
+    assert int(state.step) == 0
+    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                         jnp.zeros((1, 96, 64, 3)), train=False)
+    assert logits.shape == (1, 3)
+    fresh.close()
