@@ -15,7 +15,8 @@ non-overlapping ``window x window`` block ("the attention receptive field aligns
 max pooling window"), multi-head, with scaled dot-product logits ``q . k / sqrt(d)`` and
 no relative logits (the position information enters through the values), then BatchNorm
 and ``window x window`` max pooling with stride ``window``: a 224 image becomes 56x56, as
-after the convolutional stem.
+after the convolutional stem. There is no activation between BatchNorm and pooling: the
+paper names only those two (the conv stem's ReLU has no counterpart).
 """
 
 from __future__ import annotations

@@ -127,6 +127,8 @@ def blocked_attention(
             "blocked_attention expects q, k of shape [B, H, W, heads, d] and v of shape "
             f"[B, H, W, heads, dv]; got {q.shape}, {k.shape}, {v.shape}"
         )
+    if row_chunk is not None and row_chunk < 1:
+        raise ValueError(f"row_chunk must be None or a positive number of rows, got {row_chunk}")
     b, h, w, heads, d = q.shape
     dv = v.shape[-1]
     (bh, bw), (hh, hw) = block, halo
