@@ -22,8 +22,8 @@ Quick start (CPU, no download): --config=configs/sasa_resnet26.py:digits trains 
            full-size model on the embedded digits (32x32 input: 8x8 maps after the stem,
            each attention map one block, so ``block_size=8`` with no row loop is fastest;
            these knobs never change the result). Measured for SASA-ResNet-26: 40 s
-           compile, 1.8-2.8 s per batch-64 step on 2 busy cores, so about 10-16 minutes
-           for the 15 epochs (~340 steps); accuracy is left to the lead's digits check.
+           compile, 1.8-2.8 s per batch-64 step on 2 busy cores, so about 1 minute per
+           digits epoch (22 steps); accuracy is left to the lead's digits check.
 Arguments: digits | res=N | batch=N | epochs=X | steps=N | bf16  (see config_lib.build).
            ``--config.model_name=sasa_resnet26_convstem`` trains the conv-stem variant.
 """
