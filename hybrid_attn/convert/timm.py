@@ -6,8 +6,8 @@ Usage (torch is only needed to read the checkpoint file, never by the project it
     variables = convert_timm("coatnet_0", state_dict, model, image_shape=(1, 224, 224, 3))
 
 Each family has its own mapping module (``timm_<family>.py``) exposing
-``convert(state_dict, model) -> variables``; this file dispatches on the model name and
-checks every converted leaf against the model's own shapes.
+``convert(state_dict, model, image_shape=None) -> variables``; this file dispatches on
+the model name and checks every converted leaf against the model's own shapes.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def convert_timm(
     """
     family = _family(model_name)
     mapping = importlib.import_module(f"hybrid_attn.convert.timm_{family}")
-    variables = mapping.convert(state_dict, model)
+    variables = mapping.convert(state_dict, model, image_shape=image_shape)
     reference = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(image_shape), train=False)
     )

@@ -14,7 +14,7 @@ the flag is not stored in the state dict.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 
@@ -51,8 +51,13 @@ def convert_block(sd: Mapping, prefix: str) -> tuple[dict, dict]:
     return p, st
 
 
-def convert(state_dict: Mapping, model: nn.Module) -> dict:
+def convert(
+    state_dict: Mapping, model: nn.Module, image_shape: Sequence[int] | None = None
+) -> dict:
     """Maps a timm ByobNet BoTNet state dict onto ``model``'s variables.
+
+    ``image_shape`` is accepted for the common converter interface and unused: this
+    family's timm tensors carry their full shapes.
 
     ``model`` only documents the target; its shapes are checked by
     :func:`hybrid_attn.convert.timm.convert_timm`.

@@ -9,7 +9,7 @@ shortcuts, ...) is rejected with the unused names rather than silently half-load
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 
@@ -57,8 +57,13 @@ def stage_blocks(sd: Mapping, pattern: str) -> dict[tuple[int, int], str]:
     return found
 
 
-def convert(state_dict: Mapping, model: nn.Module) -> dict:
+def convert(
+    state_dict: Mapping, model: nn.Module, image_shape: Sequence[int] | None = None
+) -> dict:
     """Maps a timm ResNet state dict onto ``model``'s variables (``params``, ``batch_stats``).
+
+    ``image_shape`` is accepted for the common converter interface and unused: this
+    family's timm tensors carry their full shapes.
 
     ``model`` only documents the target; its shapes are checked by
     :func:`hybrid_attn.convert.timm.convert_timm`.

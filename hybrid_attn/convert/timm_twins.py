@@ -10,13 +10,16 @@ architecture fails loudly instead of loading partially.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from hybrid_attn.convert import common
 
 
-def convert(state_dict: Mapping, model) -> dict:
+def convert(state_dict: Mapping, model, image_shape: Sequence[int] | None = None) -> dict:
     """Converts a timm Twins state dict for ``model`` (a :class:`~hybrid_attn.models.twins.Twins`).
+
+    ``image_shape`` is accepted for the common converter interface and unused: this
+    family's timm tensors carry their full shapes.
 
     Returns ``{'params': ...}``. Raises ValueError when tensors are missing or left over.
     """
