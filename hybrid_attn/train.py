@@ -14,7 +14,7 @@ import functools
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -242,12 +242,6 @@ def initial_state(
     return state, "scratch"
 
 
-def _skip(iterator: Iterator, n: int) -> Iterator:
-    for _ in range(n):
-        next(iterator)
-    return iterator
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the
     final evaluation metrics on the config's eval split."""
@@ -289,10 +283,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         model, tx, schedule, train_rng, optim_cfg.ema_decay, state_shardings, mesh
     )
     eval_step_fn = evaluate.make_eval_step(model)
-    train_iter = _skip(
-        input_pipeline.train_iterator(input_cfg, global_batch_size=config.batch_size,
-                                      seed=config.seed),
-        start_step,
+    train_iter = input_pipeline.train_iterator(
+        input_cfg, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step
     )
     progress = periodic_actions.ReportProgress(
         num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps,

@@ -160,3 +160,16 @@ def test_eval_two_processes_stay_in_lockstep(cfg):
     assert not parts[1][-1]["mask"].any()  # a fully padded batch keeps process 1 in step
     test = read_split(cfg, "test[:101]")
     assert eval_examples(parts[0] + parts[1]) == multiset(test["image"], test["label"])
+
+
+def test_train_stream_from_start_step_continues_the_same_stream(cfg):
+    """Resuming: the stream started at step s equals the full stream from its batch s on,
+    across an epoch boundary (1437 / 2 processes / 100 per batch -> 7.2 batches an epoch)."""
+    kw = dict(global_batch_size=200, seed=3, process_count=2, process_index=1)
+    full = data.train_iterator(cfg, **kw)
+    reference = [next(full) for _ in range(10)]
+    resumed = data.train_iterator(cfg, start_step=6, **kw)
+    for want in reference[6:]:
+        got = next(resumed)
+        np.testing.assert_array_equal(got["image"], want["image"])
+        np.testing.assert_array_equal(got["label"], want["label"])

@@ -195,22 +195,42 @@ def train_dataset(
     *,
     global_batch_size: int,
     seed: int,
+    start_step: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> tf.data.Dataset:
-    """The infinite training stream of this process as a tf.data.Dataset (see train_iterator)."""
+    """The infinite training stream of this process as a tf.data.Dataset (see train_iterator).
+
+    The stream is a sequence of epochs, epoch ``e`` being this process's examples in
+    file order shuffled with a buffer seeded by ``(seed, e)``; example ``n`` of the stream
+    is augmented with randomness keyed by ``n``. So the batches from ``start_step`` on are
+    exactly those an uninterrupted run sees, and resuming costs reading (not decoding) at
+    most one epoch of records.
+    """
     index, count = _process(process_index, process_count)
     local_batch = _local_batch_size(global_batch_size, count)
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
     builder = get_builder(cfg)
     split = tfds.split_for_jax_process(cfg.train_split, process_index=index, process_count=count)
+    per_epoch = builder.info.splits[split].num_examples
     key = tf.constant([seed, index], tf.int64)
     example_key = tf.random.experimental.stateless_fold_in(key, 0)
     batch_key = tf.random.experimental.stateless_fold_in(key, 1)
 
-    ds = _read(builder, split, shuffle_seed=seed)
+    epoch_ds = _read(builder, split, shuffle_seed=None)
     if cfg.cache:
-        ds = ds.map(lambda im, lb: (preprocess.decode_image(im), lb), _AUTOTUNE).cache()
-    ds = ds.repeat().shuffle(cfg.shuffle_buffer, seed=seed).enumerate()
+        epoch_ds = epoch_ds.map(
+            lambda im, lb: (preprocess.decode_image(im), lb), _AUTOTUNE
+        ).cache()
+
+    def epoch(e: tf.Tensor) -> tf.data.Dataset:
+        shuffled = epoch_ds.shuffle(cfg.shuffle_buffer, seed=seed * 1_000_003 + e)
+        return shuffled.enumerate(start=e * per_epoch)
+
+    first_example = start_step * local_batch
+    ds = tf.data.Dataset.range(first_example // per_epoch, 2**62).flat_map(epoch)
+    ds = ds.skip(first_example % per_epoch)
     example_fn = functools.partial(_train_example, cfg, example_key, cfg.cache)
     ds = ds.map(lambda i, ex: example_fn(i, *ex), num_parallel_calls=_AUTOTUNE)
     ds = ds.batch(local_batch, drop_remainder=True)
@@ -218,7 +238,7 @@ def train_dataset(
         mix = functools.partial(
             preprocess.mix_batch, mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha
         )
-        ds = ds.enumerate().map(
+        ds = ds.enumerate(start=start_step).map(
             lambda i, b: mix(*b, tf.random.experimental.stateless_fold_in(batch_key, i)),
             num_parallel_calls=_AUTOTUNE,
         )
@@ -233,6 +253,7 @@ def train_iterator(
     *,
     global_batch_size: int,
     seed: int,
+    start_step: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -241,12 +262,14 @@ def train_iterator(
     Yields ``image`` float32 [local_batch, S, S, 3] normalised with ``cfg.mean``/``cfg.std``
     and ``label`` float32 [local_batch, num_classes] (smoothed one-hot, mixed by
     mixup/cutmix), local_batch = global_batch_size // process_count. The same seed and
-    process give the same batches. ``process_index``/``process_count`` default to JAX's.
+    process give the same batches; ``start_step`` starts at that batch of the same stream
+    (for resuming). ``process_index``/``process_count`` default to JAX's.
     """
     ds = train_dataset(
         cfg,
         global_batch_size=global_batch_size,
         seed=seed,
+        start_step=start_step,
         process_index=process_index,
         process_count=process_count,
     )
