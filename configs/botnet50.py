@@ -26,10 +26,5 @@ def get_config(arg: str | None = None):
     return config_lib.build(
         arg,
         model_name="botnet50",
-        num_epochs=90.0,
-        optim={"name": "sgd", "learning_rate": 1.6, "end_learning_rate": 0.0,
-               "warmup_epochs": 5.0, "weight_decay": 1e-4, "momentum": 0.9,
-               "nesterov": True, "grad_clip_norm": 0.0},
-        data={"randaugment_layers": 0, "randaugment_magnitude": 0, "mixup_alpha": 0.0,
-              "label_smoothing": 0.1},
+        recipe=config_lib.RESNET_90_EPOCHS,
     )

@@ -35,11 +35,7 @@ def get_config(arg: str | None = None):
     return config_lib.build(
         arg,
         model_name="sasa_resnet50",
-        num_epochs=90.0,
-        optim={"name": "sgd", "learning_rate": 1.6, "end_learning_rate": 0.0,
-               "warmup_epochs": 5.0, "weight_decay": 1e-4, "momentum": 0.9,
-               "nesterov": True, "grad_clip_norm": 0.0, "ema_decay": 0.9999},
-        data={"randaugment_layers": 0, "randaugment_magnitude": 0, "mixup_alpha": 0.0,
-              "label_smoothing": 0.1},
+        recipe=config_lib.RESNET_90_EPOCHS,
+        optim={"ema_decay": 0.9999},
         digits_model={"block_size": 8, "row_chunk": None},
     )

@@ -24,11 +24,7 @@ def get_config(arg: str | None = None):
     return config_lib.build(
         arg,
         model_name="twins_pcpvt_l",
-        batch_size=1024,
+        recipe=config_lib.TWINS_300_EPOCHS,
         model={"drop_path_rate": 0.5},
-        optim={"learning_rate": 5e-4 * 1024 / 512, "end_learning_rate": 1e-5,
-               "warmup_epochs": 5.0, "weight_decay": 0.05, "grad_clip_norm": 5.0},
-        data={"randaugment_layers": 2, "randaugment_magnitude": 9, "mixup_alpha": 0.8,
-              "cutmix_alpha": 1.0, "label_smoothing": 0.1},
         digits_model={"drop_path_rate": 0.1},
     )

@@ -31,7 +31,7 @@ def _quiet_third_party_info() -> None:
     def keep(record) -> bool:
         return record.levelno >= logging.WARNING or not any(n in record.pathname for n in noisy)
 
-    logging.get_absl_handler().addFilter(keep)
+    logging.get_absl_handler().python_handler.addFilter(keep)
 
 
 def main(argv: list[str]) -> None:
