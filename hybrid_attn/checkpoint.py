@@ -1,6 +1,8 @@
 """Checkpoints through orbax's ``CheckpointManager``: periodic and final saves, keep-last-N,
 atomic (orbax writes to a temporary directory and renames), automatic resume, and restore
-onto any device count (the restore target carries the current run's shardings).
+onto any device count (restore targets carry the current run's shardings).
+
+Workdirs may be local paths or URLs such as ``gs://bucket/run`` (read through etils.epath).
 """
 
 from __future__ import annotations
@@ -11,13 +13,19 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+
+
+def resolve(path: str) -> epath.Path:
+    """A local path made absolute, or a URL (``gs://...``) kept as it is."""
+    return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
 class Checkpointer:
     """Saves and restores the train state under ``<workdir>/checkpoints``."""
 
     def __init__(self, workdir: str, keep: int = 3):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = resolve(workdir) / "checkpoints"
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
@@ -39,27 +47,33 @@ class Checkpointer:
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
         return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
 
 
 def load_variables(path: str) -> dict[str, Any]:
-    """Reads ``params``, ``batch_stats`` and ``ema_params`` of a saved train state from an explicit
-    checkpoint directory (``<workdir>/checkpoints/<step>``) as host arrays, e.g. to start
-    fine-tuning at another resolution (the caller resizes position tables)."""
-    path = os.path.abspath(path.rstrip("/"))
-    step = os.path.basename(path)
-    if not step.isdigit():
-        raise ValueError(f"init_checkpoint must be a <workdir>/checkpoints/<step> dir, got {path}")
-    with ocp.CheckpointManager(os.path.dirname(path)) as manager:
-        logging.info("Loading initial variables from %s", path)
-        restored = manager.restore(int(step), args=ocp.args.StandardRestore())
+    """Reads ``params``, ``batch_stats`` and ``ema`` of a saved train state from an
+    explicit checkpoint directory (``<workdir>/checkpoints/<step>``) onto this process's
+    first device, whatever device count saved it; e.g. to start fine-tuning at another
+    resolution (the caller resizes position tables) or to evaluate on its own."""
+    path = resolve(path.rstrip("/"))
+    if not path.name.isdigit():
+        raise ValueError(f"Expected a <workdir>/checkpoints/<step> directory, got {path}")
+    if not path.exists():
+        raise FileNotFoundError(f"No checkpoint at {path}")
+    step = int(path.name)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with ocp.CheckpointManager(path.parent) as manager:
+        metadata = manager.item_metadata(step)
+        tree = getattr(metadata, "tree", metadata)
+        target = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree
+        )
+        logging.info("Loading variables from %s", path)
+        restored = manager.restore(step, args=ocp.args.StandardRestore(target))
     return {
         "params": restored["params"],
         "batch_stats": restored.get("batch_stats") or {},
-        "ema_params": restored.get("ema_params"),
+        "ema": restored.get("ema"),
     }

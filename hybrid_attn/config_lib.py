@@ -107,6 +107,7 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 5_000
     c.keep_checkpoints = 3
     c.init_checkpoint = ""  # used only when the workdir holds no checkpoint.
+    c.profile = False  # True: a clu Profile trace of 5 steps into the workdir (process 0).
     return c
 
 

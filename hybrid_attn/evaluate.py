@@ -59,9 +59,12 @@ def evaluate(
     }
 
 
-def eval_variables(params: Any, batch_stats: Any, ema_params: Any = None) -> dict[str, Any]:
-    """The variables a model is evaluated with: the EMA weights when kept."""
-    variables = {"params": params if ema_params is None else ema_params}
+def eval_variables(params: Any, batch_stats: Any, ema: Any = None) -> dict[str, Any]:
+    """The variables a model is evaluated with: the EMA ones (``{"params",
+    "batch_stats"}``) when kept."""
+    if ema is not None:
+        params, batch_stats = ema["params"], ema["batch_stats"]
+    variables = {"params": params}
     if batch_stats:
         variables["batch_stats"] = batch_stats
     return variables
@@ -69,8 +72,6 @@ def eval_variables(params: Any, batch_stats: Any, ema_params: Any = None) -> dic
 
 def main(argv: list[str]) -> None:
     """Evaluates the newest (or ``--step``) checkpoint of ``--workdir`` on ``--split``."""
-    import os
-
     from absl import logging
 
     from hybrid_attn import checkpoint
@@ -81,14 +82,21 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config
     input_cfg = input_pipeline.InputConfig.from_config(config.data)
     split = FLAGS.split or input_cfg.eval_split
-    ckpt_dir = os.path.join(os.path.abspath(FLAGS.workdir), "checkpoints")
-    step = FLAGS.step if FLAGS.step >= 0 else checkpoint.Checkpointer(FLAGS.workdir).latest_step()
+    ckpt_dir = checkpoint.resolve(FLAGS.workdir) / "checkpoints"
+    steps = []
+    if ckpt_dir.exists():
+        steps = [int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()]
+    step = FLAGS.step if FLAGS.step >= 0 else max(steps, default=None)
     if step is None:
         raise SystemExit(f"No checkpoint in {ckpt_dir}: train first with hybrid_attn.main")
-    loaded = checkpoint.load_variables(os.path.join(ckpt_dir, str(step)))
+    loaded = checkpoint.load_variables(str(ckpt_dir / str(step)))
     mesh = sharding.make_mesh()
+    sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     model = build_model(config)
-    variables = jax.device_put(eval_variables(**loaded), sharding.replicated(mesh))
+    variables = jax.device_put(
+        eval_variables(loaded["params"], loaded["batch_stats"], loaded["ema"]),
+        sharding.replicated(mesh),
+    )
     batches = input_pipeline.eval_iterator(
         input_cfg, split, global_batch_size=config.eval_batch_size
     )

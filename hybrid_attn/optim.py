@@ -31,7 +31,11 @@ class OptimConfig:
     @classmethod
     def from_config(cls, c: ml_collections.ConfigDict, steps_per_epoch: int) -> OptimConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in c.to_dict().items() if k in fields}
+        values = c.to_dict() if hasattr(c, "to_dict") else dict(c)
+        unknown = sorted(set(values) - fields - {"warmup_epochs"})
+        if unknown:
+            raise ValueError(f"Unknown optim config keys {unknown}; valid: {sorted(fields)}")
+        values = {k: v for k, v in values.items() if k in fields}
         if c.get("warmup_epochs", -1.0) > 0:
             values["warmup_steps"] = int(round(c.warmup_epochs * steps_per_epoch))
         if values["name"] not in ("adamw", "sgd"):

@@ -22,9 +22,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, metrics, periodic_actions
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from hybrid_attn import checkpoint, evaluate, optim, sharding
@@ -42,7 +44,10 @@ class TrainState:
     params: Any
     batch_stats: Any
     opt_state: Any
-    ema_params: Any  # None unless optim.ema_decay > 0
+    # Exponential moving average of {"params", "batch_stats"} used for evaluation; None
+    # unless optim.ema_decay > 0. Averaging the BatchNorm statistics too keeps them
+    # consistent with the averaged weights (as timm's ModelEmaV2 and TF's EMA do).
+    ema: Any
 
 
 @flax.struct.dataclass
@@ -115,12 +120,13 @@ def create_train_state(
     def init(rng):
         variables = model.init({"params": rng, "dropout": rng}, jnp.zeros(image_shape), train=False)
         params = variables["params"]
+        batch_stats = variables.get("batch_stats", {})
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
-            batch_stats=variables.get("batch_stats", {}),
+            batch_stats=batch_stats,
             opt_state=tx.init(params),
-            ema_params=params if ema else None,
+            ema=_copy({"params": params, "batch_stats": batch_stats}) if ema else None,
         )
 
     shardings = sharding.replicate_tree(jax.eval_shape(init, rng), mesh)
@@ -155,15 +161,18 @@ def train_step(
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, param_updates)
-    ema_params = state.ema_params
-    if ema_params is not None:
-        ema_params = optax.incremental_update(params, ema_params, 1.0 - ema_decay)
+    batch_stats = updates["batch_stats"] if has_bn else state.batch_stats
+    ema = state.ema
+    if ema is not None:
+        ema = optax.incremental_update(
+            {"params": params, "batch_stats": batch_stats}, ema, 1.0 - ema_decay
+        )
     new_state = state.replace(
         step=state.step + 1,
         params=params,
-        batch_stats=updates["batch_stats"] if has_bn else state.batch_stats,
+        batch_stats=batch_stats,
         opt_state=opt_state,
-        ema_params=ema_params,
+        ema=ema,
     )
     accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(batch["label"], -1))
     step_metrics = TrainMetrics.single_from_model_output(
@@ -195,15 +204,29 @@ def make_train_step(
 
 
 class _StopRequest:
-    """Records SIGTERM so the loop can checkpoint and exit cleanly (e.g. on preemption)."""
+    """Records SIGTERM so the loop can checkpoint and exit cleanly (e.g. on preemption).
 
-    def __init__(self):
-        self.requested = False
+    With several processes the decision must be the same everywhere (a host that stops to
+    save while others step on would deadlock), so hosts agree on it every
+    ``agree_every`` steps with an all-gather; a single process decides every step.
+    """
+
+    def __init__(self, agree_every: int = 10):
+        self._signalled = False
+        self._agree_every = agree_every
         self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: checkpointing and exiting after this step.")
-        self.requested = True
+        logging.warning("SIGTERM received: checkpointing and exiting.")
+        self._signalled = True
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self._signalled
+        if step % self._agree_every:
+            return False
+        flags = multihost_utils.process_allgather(np.asarray(self._signalled))
+        return bool(np.any(flags))
 
     def restore(self):
         signal.signal(signal.SIGTERM, self._previous)
@@ -219,27 +242,40 @@ def initial_state(
 ) -> tuple[TrainState, str]:
     """Resume order: the workdir's newest checkpoint, else ``init_checkpoint``, else scratch.
 
-    ``init_checkpoint`` (weights only, fresh optimizer) may come from another resolution:
-    its position tables are resized for ``image_shape`` (e.g. 224 -> 384 fine-tuning).
+    ``init_checkpoint`` gives weights only (fresh optimizer and step): its EMA weights when
+    it kept them (the ones its evaluations reported), else its raw weights. It may come
+    from another resolution: position tables are resized for ``image_shape`` (e.g. 224 ->
+    384 fine-tuning).
     """
     latest = ckpt.latest_step()
     if latest is not None:
         return ckpt.restore(state), f"workdir checkpoint at step {latest}"
-    if init_checkpoint:
-        loaded = checkpoint.load_variables(init_checkpoint)
-        loaded["params"] = resize_position_tables(loaded["params"], model, image_shape)
-        params = jax.tree_util.tree_map(
-            lambda new, old: jax.device_put(jnp.asarray(old, new.dtype), new.sharding),
-            state.params, loaded["params"],
-        )
-        batch_stats = jax.tree_util.tree_map(
-            lambda new, old: jax.device_put(jnp.asarray(old, new.dtype), new.sharding),
-            state.batch_stats, loaded["batch_stats"],
-        )
-        state = state.replace(params=params, batch_stats=batch_stats,
-                              ema_params=params if state.ema_params is not None else None)
-        return state, f"init_checkpoint {init_checkpoint} (fresh optimizer)"
-    return state, "scratch"
+    if not init_checkpoint:
+        return state, "scratch"
+    loaded = checkpoint.load_variables(init_checkpoint)
+    source = loaded["ema"] or {"params": loaded["params"], "batch_stats": loaded["batch_stats"]}
+    weights = {
+        "params": resize_position_tables(source["params"], model, image_shape),
+        "batch_stats": source["batch_stats"],
+    }
+    target = {"params": state.params, "batch_stats": state.batch_stats}
+    if jax.tree_util.tree_structure(weights) != jax.tree_util.tree_structure(target):
+        raise ValueError(f"init_checkpoint {init_checkpoint} does not hold this model's variables")
+    weights = jax.tree_util.tree_map(
+        lambda new, old: jax.device_put(jnp.asarray(old, new.dtype), new.sharding),
+        target, weights,
+    )
+    state = state.replace(
+        params=weights["params"], batch_stats=weights["batch_stats"],
+        ema=_copy(weights) if state.ema is not None else None,
+    )
+    kind = "EMA weights" if loaded["ema"] else "weights"
+    return state, f"init_checkpoint {init_checkpoint} ({kind}, fresh optimizer)"
+
+
+def _copy(tree: Any) -> Any:
+    """Distinct buffers, so that donating the state never donates one buffer twice."""
+    return jax.tree_util.tree_map(jnp.copy, tree)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -292,7 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
 
     def run_eval(step: int) -> dict[str, float]:
-        variables = evaluate.eval_variables(state.params, state.batch_stats, state.ema_params)
+        variables = evaluate.eval_variables(state.params, state.batch_stats, state.ema)
         batches = input_pipeline.eval_iterator(
             input_cfg, input_cfg.eval_split, global_batch_size=config.eval_batch_size
         )
@@ -304,8 +340,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return result
 
     stop = _StopRequest()
+    stopped = False
     result: dict[str, float] = {}
     train_metrics = None
+    hooks = []
+    if config.profile and jax.process_index() == 0:
+        hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
     last_log_time, last_log_step = time.time(), start_step
     try:
         for step in range(start_step + 1, total_steps + 1):
@@ -315,11 +355,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             train_metrics = (step_metrics if train_metrics is None
                              else train_metrics.merge(step_metrics))
             progress(step)
+            for hook in hooks:
+                hook(step)
+            stopped = stop.should_stop(step)  # read once: the save and the exit agree
             actions = actions_for_step(
                 step, total_steps, log_every=config.log_every_steps,
                 eval_every=config.eval_every_steps,
                 checkpoint_every=config.checkpoint_every_steps,
-                stop_requested=stop.requested,
+                stop_requested=stopped,
             )
             if actions.log:
                 summary = {f"train_{k}": float(v) for k, v in train_metrics.compute().items()}
@@ -340,7 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 result = run_eval(step)
             if actions.checkpoint:
                 ckpt.save(step, state)
-            if stop.requested:
+            if stopped:
                 logging.warning("Stopped at step %d; rerun the same command to resume.", step)
                 break
         else:
@@ -351,7 +394,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         stop.restore()
         ckpt.close()
         writer.flush()
-    if result and not stop.requested:
+    if result and not stopped:
         logging.info("Final %s accuracy: %.4f over %d examples.", input_cfg.eval_split,
                      result["accuracy"], result["num_examples"])
     return result

@@ -21,6 +21,6 @@ gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command "
   set -e
   cd ~/hybrid_attn
   pip install -q -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
-  export TFDS_DATA_DIR=\${TFDS_DATA_DIR:-}
+  ${TFDS_DATA_DIR:+export TFDS_DATA_DIR=$TFDS_DATA_DIR}
   python -m hybrid_attn.main --jax_distributed --config=$config --workdir=$workdir $extra
 "

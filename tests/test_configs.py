@@ -33,6 +33,7 @@ def test_config_loads_and_converts(path):
         assert c.model_name in list_models()
         data = input_pipeline.InputConfig.from_config(c.data)
         optim.OptimConfig.from_config(c.optim, steps_per_epoch=10)
+        train.build_model(c)  # model / digits_model overrides are fields of the model
         assert data.name == ("digits" if arg else "imagenet2012")
         assert c.batch_size % 8 == 0  # splits over 8 devices (and the 8-device tests)
 
@@ -55,6 +56,12 @@ def test_coatnet0_is_the_papers_imagenet_recipe():
     assert c.model.drop_path_rate == 0.2
     fine_tune = load(os.path.join(ROOT, "configs", "coatnet0.py")).get_config("res=384,bf16")
     assert fine_tune.data.image_size == 384 and fine_tune.compute_dtype == "bfloat16"
+
+
+def test_misspelt_optim_key_is_an_error():
+    c = config_lib.build("", model_name="coatnet_0", optim={"warmup_epoch": 5.0})
+    with pytest.raises(ValueError, match=r"Unknown optim config keys \['warmup_epoch'\]"):
+        optim.OptimConfig.from_config(c.optim, steps_per_epoch=10)
 
 
 def test_argument_string_errors_name_the_valid_keys():

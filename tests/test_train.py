@@ -112,6 +112,8 @@ def _digits_config(data_dir: str):
     c.data.image_size = 16
     c.batch_size, c.eval_batch_size = 32, 64
     c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 2, 0, 4
+    c.optim.ema_decay = 0.9  # EMA and mixup are part of the state/stream that must resume
+    c.data.mixup_alpha = 0.2
     return c
 
 
@@ -122,7 +124,8 @@ def _saved_params(workdir, step):
 
 
 def test_resume_after_sigterm_matches_uninterrupted_run(monkeypatch, tmp_path):
-    """Stopped by SIGTERM midway and rerun, training ends with the same parameters."""
+    """Stopped by SIGTERM midway and rerun, training ends with the same parameters,
+    BatchNorm statistics and EMA."""
     from hybrid_attn.data import input_pipeline
 
     monkeypatch.setattr(train, "build_model", lambda c: TinyNet(c.data.num_classes))
@@ -147,6 +150,8 @@ def test_resume_after_sigterm_matches_uninterrupted_run(monkeypatch, tmp_path):
     monkeypatch.setattr(input_pipeline, "train_iterator", original)
     resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
     a, b = _saved_params(tmp_path / "full", 6), _saved_params(tmp_path / "resumed", 6)
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    assert a["ema"] is not None and a["batch_stats"]
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
     assert resumed["accuracy"] == pytest.approx(full["accuracy"])
@@ -156,28 +161,30 @@ def test_resume_after_sigterm_matches_uninterrupted_run(monkeypatch, tmp_path):
 
 
 def test_init_checkpoint_from_another_resolution_resizes_tables(tmp_path):
-    """Fine-tuning: weights saved at 64x64 start a 96x64 run with resized relative tables
-    and a fresh optimizer; a workdir checkpoint would take precedence."""
+    """Fine-tuning: EMA weights saved at 64x64 on 8 devices start a 96x64 run on 1 device
+    with resized relative tables and a fresh optimizer, and the first (donating) step runs."""
     from hybrid_attn import checkpoint
     from hybrid_attn.models import get_model
 
     model = get_model("coatnet_0", num_classes=3, depths=(1, 1, 1, 1), widths=(8, 8, 16, 16),
                       stem_width=8, head_dim=8)
     tx = optax.adamw(1e-3)
-    mesh = sharding.make_mesh(jax.devices()[:1])
     rng = jax.random.PRNGKey(0)
-    old, _ = train.create_train_state(model, tx, rng, (1, 64, 64, 3), mesh, ema=False)
+    old, _ = train.create_train_state(model, tx, rng, (1, 64, 64, 3), sharding.make_mesh(),
+                                      ema=True)
+    old = old.replace(ema=jax.tree_util.tree_map(lambda x: x + 1, old.ema))  # EMA != raw
     saver = checkpoint.Checkpointer(str(tmp_path / "pretrain"))
     saver.save(7, old)
     saver.close()
 
-    new, _ = train.create_train_state(model, tx, jax.random.PRNGKey(1), (1, 96, 64, 3), mesh,
-                                      ema=False)
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    new, shardings = train.create_train_state(model, tx, jax.random.PRNGKey(1), (1, 96, 64, 3),
+                                              mesh, ema=True)
     fresh = checkpoint.Checkpointer(str(tmp_path / "finetune"))
     state, source = train.initial_state(
         new, fresh, init_checkpoint=str(tmp_path / "pretrain" / "checkpoints" / "7"),
         model=model, image_shape=(1, 96, 64, 3))
-    assert source.startswith("init_checkpoint")
+    assert source.startswith("init_checkpoint") and "EMA weights" in source
     table = ("stage3", "block0", "attn", "position", "relative_bias_table")
 
     def leaf(tree, path):
@@ -187,9 +194,12 @@ def test_init_checkpoint_from_another_resolution_resizes_tables(tmp_path):
 
     assert leaf(old.params, table).shape[:2] == (7, 7)   # 4x4 map at 64x64
     assert leaf(state.params, table).shape[:2] == (11, 7)  # 6x4 map at 96x64
-    np.testing.assert_array_equal(state.params["head"]["kernel"], old.params["head"]["kernel"])
+    np.testing.assert_array_equal(state.params["head"]["kernel"],
+                                  old.ema["params"]["head"]["kernel"])
     assert int(state.step) == 0
-    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                         jnp.zeros((1, 96, 64, 3)), train=False)
-    assert logits.shape == (1, 3)
+    step = train.make_train_step(model, tx, optax.constant_schedule(1e-3), rng, 0.9,
+                                 shardings, mesh)
+    batch = {"image": jnp.zeros((2, 96, 64, 3)), "label": jnp.full((2, 3), 1 / 3)}
+    state, metrics = step(state, batch)
+    assert int(state.step) == 1 and np.isfinite(float(metrics.compute()["loss"]))
     fresh.close()
