@@ -5,6 +5,8 @@ Parses flags, logs the hosts and devices, and calls ``train.train_and_evaluate``
 
 from __future__ import annotations
 
+import logging as std_logging
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -26,12 +28,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _quiet_third_party_info() -> None:
     """Keeps the console to our progress lines: drops INFO records from orbax and tfds."""
-    noisy = ("/orbax/", "/tensorflow_datasets/", "/clu/metric_writers/")
+    noisy = ("/orbax/", "/tensorflow_datasets/", "/clu/metric_writers/", "/clu/platform/")
 
     def keep(record) -> bool:
-        return record.levelno >= logging.WARNING or not any(n in record.pathname for n in noisy)
+        return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in noisy)
 
-    logging.get_absl_handler().python_handler.addFilter(keep)
+    logging.get_absl_handler().addFilter(keep)
 
 
 def main(argv: list[str]) -> None:
