@@ -165,6 +165,7 @@ def test_train_mode_and_bfloat16_trace():
 
 def test_converter_rejects_unmapped_tensors():
     _, config, state_dict = _golden("tiny")
-    with pytest.raises(ValueError, match="no place in CoAtNet: stages.0.blocks.0.extra.weight"):
+    with pytest.raises(ValueError,
+                       match=r"no place in CoAtNet \(1\):\s+stages\.0\.blocks\.0\.extra\.weight"):
         timm_coatnet.convert({**state_dict, "stages.0.blocks.0.extra.weight": np.zeros(1)},
                              CoAtNet(**config))

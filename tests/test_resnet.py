@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hybrid_attn.convert import common
 from hybrid_attn.convert.timm import convert_timm
 from hybrid_attn.models import get_model
 from hybrid_attn.models.layers.non_local import NonLocalBlock
@@ -83,6 +84,13 @@ def test_converter_rejects_unknown_tensors():
     model = ResNet((2, 1, 1, 1), num_classes=5, width=8, stem=functools.partial(ConvStem, 64))
     with pytest.raises(ValueError, match="layer1.0.extra.weight"):
         convert_timm("resnet_tiny", sd, model, x.shape)
+
+
+def test_tracked_state_dict_counts_reads_not_membership_tests():
+    sd = common.TrackedStateDict({"a": 1, "b": 2, "bn.num_batches_tracked": 3})
+    assert "b" in sd and sd["a"] == 1 and "bn.num_batches_tracked" not in sd
+    with pytest.raises(ValueError, match=r"no place in X \(1\):\s+b$"):
+        sd.check_all_used("X")
 
 
 def test_fresh_block_is_identity_then_activation():

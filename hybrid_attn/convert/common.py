@@ -2,13 +2,52 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
+# Buffers, not weights: recomputed by the model (index tables) or meaningless to it.
+IGNORED_SUFFIXES = ("num_batches_tracked", "relative_position_index")
 
-def to_numpy(t) -> np.ndarray:
-    """A torch tensor or array-like as a float32/int numpy array (no torch import)."""
+
+class TrackedStateDict(Mapping):
+    """A read-only view of a state dict that records which tensors were read.
+
+    Converters read through it and finish with :meth:`check_all_used`, so a checkpoint
+    with tensors the mapping does not know is rejected by name instead of half-loaded.
+    Membership tests (``key in sd``) do not count as a use. Keys ending in one of
+    ``ignore`` (buffers, not weights) are hidden.
+    """
+
+    def __init__(self, state_dict: Mapping, ignore: tuple[str, ...] = IGNORED_SUFFIXES):
+        self._sd = {k: v for k, v in state_dict.items() if not k.endswith(ignore)}
+        self.used: set[str] = set()
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._sd[key]
+        self.used.add(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._sd
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sd)
+
+    def __len__(self) -> int:
+        return len(self._sd)
+
+    def check_all_used(self, target: str) -> None:
+        """Raises ValueError naming the tensors no mapping onto ``target`` consumed."""
+        unused = sorted(set(self._sd) - self.used)
+        if unused:
+            raise ValueError(f"State dict tensors with no place in {target} ({len(unused)}):"
+                             + "".join(f"\n  {name}" for name in unused))
+
+
+def to_numpy(t: Any) -> np.ndarray:
+    """A torch tensor or array-like as a numpy array of its own dtype (no torch import)."""
     if hasattr(t, "detach"):
         t = t.detach().cpu().numpy()
     return np.asarray(t)

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import flax.linen as nn
 
 from hybrid_attn.convert import common
-from hybrid_attn.convert.timm_resnet import TrackedStateDict, put_bn, stage_blocks
+from hybrid_attn.convert.timm_resnet import put_bn, stage_blocks
 
 
 def convert_block(sd: Mapping, prefix: str) -> tuple[dict, dict]:
@@ -63,7 +63,7 @@ def convert(
     :func:`hybrid_attn.convert.timm.convert_timm`.
     """
     del model
-    sd = TrackedStateDict(state_dict)
+    sd = common.TrackedStateDict(state_dict)
     params: dict = {"stem": {"conv": common.conv(sd, "stem.conv1.conv")}}
     stats: dict = {"stem": {}}
     put_bn(params["stem"], stats["stem"], "bn", sd, "stem.conv1.bn")
@@ -72,5 +72,5 @@ def convert(
         params.setdefault(f"stage{s + 1}", {})[f"block{b}"] = p
         stats.setdefault(f"stage{s + 1}", {})[f"block{b}"] = st
     params["head"] = common.dense(sd, "head.fc")
-    sd.check_all_used()
+    sd.check_all_used("the BoTNet")
     return {"params": params, "batch_stats": stats}

@@ -33,20 +33,6 @@ from flax import traverse_util
 from hybrid_attn.convert import common
 from hybrid_attn.models.layers.relative_bias import TABLE_NAME
 
-_IGNORED = ("num_batches_tracked", "relative_position_index")
-
-
-class _Tracked(dict):
-    """A state dict that remembers which keys were read, to report unmapped tensors."""
-
-    def __init__(self, sd: Mapping):
-        super().__init__(sd)
-        self.used: set[str] = set()
-
-    def __getitem__(self, key: str):
-        self.used.add(key)
-        return super().__getitem__(key)
-
 
 def _qkv(sd: Mapping, prefix: str, head_dim: int) -> dict:
     """timm's head-first fused qkv ``[heads, 3, d]`` channels -> our ``[3, heads, d]``."""
@@ -122,7 +108,7 @@ def convert(
     Raises:
       ValueError: for a tensor of the state dict that has no place in the model.
     """
-    sd = _Tracked(state_dict)
+    sd = common.TrackedStateDict(state_dict)
     table_shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
     if image_shape is not None:
         ref = jax.eval_shape(
@@ -135,7 +121,7 @@ def convert(
     params = {"stem": {"conv1": common.conv(sd, "stem.conv1"), "norm1": stem_norm,
                        "conv2": common.conv(sd, "stem.conv2")}}
     stats = {"stem": {"norm1": stem_stats}}
-    blocks = sorted({(int(m[1]), int(m[2])) for k in state_dict
+    blocks = sorted({(int(m[1]), int(m[2])) for k in sd
                      if (m := re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", k))})
     for i, j in blocks:
         stage, block, p = f"stage{i + 1}", f"block{j}", f"stages.{i}.blocks.{j}"
@@ -152,7 +138,5 @@ def convert(
         params["pre_logits"] = common.dense(sd, "head.pre_logits.fc")
     params["head"] = common.dense(sd, "head.fc")
 
-    unused = sorted(k for k in state_dict if k not in sd.used and not k.endswith(_IGNORED))
-    if unused:
-        raise ValueError("timm tensors with no place in CoAtNet: " + ", ".join(unused))
+    sd.check_all_used("CoAtNet")
     return {"params": params, "batch_stats": stats}

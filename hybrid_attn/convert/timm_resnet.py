@@ -16,32 +16,6 @@ import flax.linen as nn
 from hybrid_attn.convert import common
 
 
-class TrackedStateDict(Mapping):
-    """A read-only view of a state dict that records which tensors were read."""
-
-    def __init__(self, state_dict: Mapping):
-        self._sd = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
-        self.used: set[str] = set()
-
-    def __getitem__(self, key: str):
-        value = self._sd[key]
-        self.used.add(key)
-        return value
-
-    def __iter__(self):
-        return iter(self._sd)
-
-    def __len__(self) -> int:
-        return len(self._sd)
-
-    def check_all_used(self) -> None:
-        """Raises ValueError naming the tensors no mapping consumed."""
-        unused = sorted(set(self._sd) - self.used)
-        if unused:
-            raise ValueError("State dict tensors not mapped onto the model:\n  "
-                             + "\n  ".join(unused))
-
-
 def put_bn(params: dict, stats: dict, name: str, sd: Mapping, prefix: str) -> None:
     """Stores the BatchNorm at ``prefix`` as ``params[name]`` / ``stats[name]``."""
     params[name], stats[name] = common.batch_norm(sd, prefix)
@@ -69,7 +43,7 @@ def convert(
     :func:`hybrid_attn.convert.timm.convert_timm`.
     """
     del model
-    sd = TrackedStateDict(state_dict)
+    sd = common.TrackedStateDict(state_dict)
     params: dict = {"stem": {"conv": common.conv(sd, "conv1")}}
     stats: dict = {"stem": {}}
     put_bn(params["stem"], stats["stem"], "bn", sd, "bn1")
@@ -88,5 +62,5 @@ def convert(
         params.setdefault(f"stage{s}", {})[f"block{b}"] = p
         stats.setdefault(f"stage{s}", {})[f"block{b}"] = st
     params["head"] = common.dense(sd, "fc")
-    sd.check_all_used()
+    sd.check_all_used("the ResNet")
     return {"params": params, "batch_stats": stats}

@@ -13,9 +13,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from hybrid_attn.convert import common
+from hybrid_attn.models.twins import Twins
 
 
-def convert(state_dict: Mapping, model, image_shape: Sequence[int] | None = None) -> dict:
+def convert(
+    state_dict: Mapping, model: Twins, image_shape: Sequence[int] | None = None
+) -> dict:
     """Converts a timm Twins state dict for ``model`` (a :class:`~hybrid_attn.models.twins.Twins`).
 
     ``image_shape`` is accepted for the common converter interface and unused: this
@@ -23,29 +26,17 @@ def convert(state_dict: Mapping, model, image_shape: Sequence[int] | None = None
 
     Returns ``{'params': ...}``. Raises ValueError when tensors are missing or left over.
     """
-    used: set[str] = set()
-
-    class _Tracked(dict):
-        def __getitem__(self, key):
-            used.add(key)
-            return super().__getitem__(key)
-
-    sd = _Tracked(state_dict)
+    sd = common.TrackedStateDict(state_dict)
     try:
         params = _convert(sd, model)
     except KeyError as e:
         raise ValueError(f"timm Twins state dict lacks tensor {e.args[0]!r} needed by the model") \
             from e
-    unused = sorted(set(state_dict) - used)
-    if unused:
-        raise ValueError(
-            f"{len(unused)} tensors of the state dict have no place in the model, e.g. "
-            f"{unused[:5]}; is it a different Twins size?"
-        )
+    sd.check_all_used("this Twins model")
     return {"params": params}
 
 
-def _convert(sd: Mapping, model) -> dict:
+def _convert(sd: Mapping, model: Twins) -> dict:
     params: dict = {}
     for k, depth in enumerate(model.depths):
         stage: dict = {
