@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_attn.models.layers.attention import MultiHeadAttention
+from hybrid_attn.models.layers.pooling import avg_pool2
 from hybrid_attn.models.layers.relative_logits import POSITION_KINDS, position_term
 from hybrid_attn.models.resnet import Dtype, ResNet, SpatialFactory
 
@@ -77,7 +78,7 @@ class BoTAttention(nn.Module):
             position=term, dtype=self.dtype, param_dtype=self.param_dtype, name="attention",
         )(x, train=train)
         if self.strides == 2:
-            y = nn.avg_pool(y, (2, 2), (2, 2))
+            y = avg_pool2(y)
         return y
 
 

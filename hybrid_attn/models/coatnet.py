@@ -37,8 +37,9 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_attn.models.layers.attention import MultiHeadAttention
-from hybrid_attn.models.layers.mbconv import ConvStem, MBConv, StrideAt, avg_pool2
+from hybrid_attn.models.layers.mbconv import ConvStem, MBConv, StrideAt
 from hybrid_attn.models.layers.mlp import Mlp
+from hybrid_attn.models.layers.pooling import avg_pool2
 from hybrid_attn.models.layers.regularization import DropPath, drop_path_rates
 from hybrid_attn.models.layers.relative_bias import RelativeBias2D
 

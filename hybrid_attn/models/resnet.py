@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_attn.models.layers.non_local import NonLocalBlock
+from hybrid_attn.models.layers.norm import batch_norm
 from hybrid_attn.models.layers.regularization import DropPath, drop_path_rates
 from hybrid_attn.models.layers.squeeze_excite import SqueezeExcite
 
@@ -36,9 +37,6 @@ Activation = Callable[[jax.Array], jax.Array]
 SpatialFactory = Callable[..., nn.Module]
 StemFactory = Callable[..., nn.Module]
 SpatialChooser = Callable[[int, int], SpatialFactory | None]
-
-# PyTorch's default BatchNorm (momentum 0.1 there is 0.9 here), the checkpoint convention.
-BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 
 
 def conv(
@@ -68,8 +66,7 @@ class ConvStem(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         x = conv(self.width, 7, 2, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        x = BatchNorm(use_running_average=not train, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name="bn")(x)
+        x = batch_norm(train, self.dtype, self.param_dtype, "bn")(x)
         x = self.activation(x)
         return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
 
@@ -102,25 +99,25 @@ class BottleneckBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        bn = functools.partial(BatchNorm, use_running_average=not train, **dt)
+        bn = functools.partial(batch_norm, train, self.dtype, self.param_dtype)
         out_features = 4 * self.features
         y = conv(self.features, 1, name="conv1", **dt)(x)
-        y = self.activation(bn(name="bn1")(y))
+        y = self.activation(bn("bn1")(y))
         if self.spatial is None:
             y = conv(self.features, 3, self.strides, name="conv2", **dt)(y)
         else:
             y = self.spatial(features=self.features, strides=self.strides, name="spatial")(
                 y, train=train)
-        y = self.activation(bn(name="bn2")(y))
+        y = self.activation(bn("bn2")(y))
         y = conv(out_features, 1, name="conv3", **dt)(y)
-        y = bn(name="bn3", scale_init=nn.initializers.zeros)(y)
+        y = bn("bn3", scale_init=nn.initializers.zeros)(y)
         if self.se_ratio > 0:
             y = SqueezeExcite(max(1, int(out_features * self.se_ratio)), nn.relu,
                               name="se", **dt)(y)
         y = DropPath(self.drop_path_rate)(y, train=train)
         if self.strides != 1 or x.shape[-1] != out_features:
             x = conv(out_features, 1, self.strides, name="shortcut_conv", **dt)(x)
-            x = bn(name="shortcut_bn")(x)
+            x = bn("shortcut_bn")(x)
         return self.activation(x + y)
 
 

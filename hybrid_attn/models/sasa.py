@@ -39,14 +39,15 @@ import jax.numpy as jnp
 
 from hybrid_attn.models.layers.attention_stem import AttentionStem
 from hybrid_attn.models.layers.local_attention import LocalSelfAttention
+from hybrid_attn.models.layers.pooling import avg_pool2
 from hybrid_attn.models.resnet import ResNet
 
 Dtype = Any
 
 
 class AttentionSpatial(nn.Module):
-    """The spatial op of a SASA bottleneck: local self-attention (``attn``), then
-    ``strides x strides`` average pooling where the convolution it replaces was strided.
+    """The spatial op of a SASA bottleneck: local self-attention (``attn``), then 2x2
+    average pooling where the convolution it replaces was strided (``strides=2``).
 
     Pooling rounds up (ceil mode, padded cells excluded from the average) so odd maps
     match the strided 1x1 shortcut convolution.
@@ -63,15 +64,13 @@ class AttentionSpatial(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        if self.strides not in (1, 2):
+            raise ValueError(f"AttentionSpatial strides must be 1 or 2, got {self.strides}")
         y = LocalSelfAttention(
             self.features, self.num_heads, self.kernel_size, self.block_size, self.row_chunk,
             dtype=self.dtype, param_dtype=self.param_dtype, name="attn",
         )(x, train=train)
-        s = self.strides
-        if s == 1:
-            return y
-        pad = [(0, -n % s) for n in y.shape[1:3]]
-        return nn.avg_pool(y, (s, s), (s, s), padding=pad, count_include_pad=False)
+        return avg_pool2(y) if self.strides == 2 else y
 
 
 class SASAResNet(nn.Module):

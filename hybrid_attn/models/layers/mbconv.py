@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hybrid_attn.models.layers.norm import batch_norm
+from hybrid_attn.models.layers.pooling import avg_pool2
 from hybrid_attn.models.layers.regularization import DropPath
 from hybrid_attn.models.layers.squeeze_excite import SqueezeExcite
 
@@ -29,19 +31,6 @@ depthwise_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 def gelu(x: jax.Array) -> jax.Array:
     """Exact (erf) GELU, as ``torch.nn.GELU()`` in the published implementations."""
     return nn.gelu(x, approximate=False)
-
-
-def batch_norm(train: bool, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.BatchNorm:
-    """The house BatchNorm (PyTorch momentum 0.1, eps 1e-5); statistics in float32."""
-    return nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5,
-        dtype=dtype, param_dtype=param_dtype, name=name,
-    )
-
-
-def avg_pool2(x: jax.Array) -> jax.Array:
-    """2x2 average pooling with stride 2 (timm's ``avg2`` downsampling), in float32."""
-    return nn.avg_pool(x.astype(jnp.float32), (2, 2), strides=(2, 2)).astype(x.dtype)
 
 
 class ConvStem(nn.Module):

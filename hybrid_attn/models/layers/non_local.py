@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_attn.models.layers.attention import MultiHeadAttention
+from hybrid_attn.models.layers.norm import batch_norm
 
 Dtype = Any
 
@@ -39,9 +40,6 @@ class NonLocalBlock(nn.Module):
             num_heads=1, head_dim=max(1, channels // self.reduction), out_features=channels,
             qkv_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, name="attention",
         )(x, train=train)
-        y = nn.BatchNorm(
-            use_running_average=not train, momentum=0.9, epsilon=1e-5,
-            scale_init=nn.initializers.zeros, dtype=self.dtype, param_dtype=self.param_dtype,
-            name="bn",
-        )(y)
+        y = batch_norm(train, self.dtype, self.param_dtype, "bn",
+                       scale_init=nn.initializers.zeros)(y)
         return x + y
