@@ -51,7 +51,7 @@ def brute_force_stem(x: np.ndarray, variables: dict, heads: int, window: int) ->
     stats = jax.tree_util.tree_map(lambda t: np.asarray(t, np.float64),
                                    variables["batch_stats"])
     b, h, w, c = x.shape
-    features = p["value"].shape[-1]
+    features = p["value"]["kernel"].shape[-1]
     d = features // heads
     out = np.zeros((b, h // window, w // window, features))
     for bi in range(h // window):
@@ -61,7 +61,7 @@ def brute_force_stem(x: np.ndarray, variables: dict, heads: int, window: int) ->
                 for bb in range(window):
                     pix = x[:, bi * window + a, bj * window + bb]  # [B, C]
                     mix = _softmax((p["emb_row"][a] + p["emb_col"][bb]) @ p["mixture"])
-                    w_v = sum(mix[m] * p["value"][m] for m in range(len(mix)))
+                    w_v = sum(mix[m] * p["value"]["kernel"][m] for m in range(len(mix)))
                     qk = pix @ p["qk"]["kernel"]
                     q.append(qk[:, :features].reshape(b, heads, d))
                     k.append(qk[:, features:].reshape(b, heads, d))
@@ -153,6 +153,8 @@ def test_every_spatial_convolution_is_attention():
                 block = params[f"stage{s + 1}"][f"block{i}"]
                 assert "conv2" not in block and "qkv" in block["spatial"]["attn"]
     assert set(shapes[""]["stem"]) == {"qk", "value", "emb_row", "emb_col", "mixture", "norm"}
+    # The value matrices are a ``kernel``, so weight decay (which decays kernels) sees them.
+    assert set(shapes[""]["stem"]["value"]) == {"kernel"}
 
 
 def test_no_parameter_depends_on_the_resolution():

@@ -28,17 +28,42 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_attn.models.layers.local_attention import blocked_attention
+from hybrid_attn.models.layers.norm import batch_norm
 
 Dtype = Any
+
+
+class MixtureValues(nn.Module):
+    """The position-dependent value projection ``v_ab = (sum_m p(a, b, m) W_V^m) x_ab``.
+
+    Param ``kernel [num_mixtures, C_in, features]`` holds the ``W_V^m`` (named ``kernel``
+    like every projection matrix, so weight decay treats it as one).
+    """
+
+    features: int
+    num_mixtures: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, blocks: jax.Array, p: jax.Array) -> jax.Array:
+        """``blocks [B, H/s, s, W/s, s, C]`` and mixture weights ``p [s, s, m]`` (float32)
+        -> values ``[B, H/s, s, W/s, s, features]``."""
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,)),
+            (self.num_mixtures, blocks.shape[-1], self.features), self.param_dtype,
+        )
+        w_v = jnp.einsum("abm,mcf->abcf", p, kernel.astype(jnp.float32)).astype(self.dtype)
+        return jnp.einsum("nyaxbc,abcf->nyaxbf", blocks.astype(self.dtype), w_v)
 
 
 class AttentionStem(nn.Module):
     """Spatially-aware attention in ``window``-sized blocks -> BatchNorm -> max pool.
 
-    Params: ``qk`` (bias-free Dense laid out ``[2, heads, head_dim]``), ``value``
-    ``[num_mixtures, C_in, features]`` (the ``W_V^m``), ``emb_row`` / ``emb_col``
-    ``[window, embed_dim]``, ``mixture`` ``[embed_dim, num_mixtures]`` (the ``nu^m``),
-    and ``norm`` (BatchNorm).
+    Params: ``qk`` (bias-free Dense laid out ``[2, heads, head_dim]``), ``value/kernel``
+    ``[num_mixtures, C_in, features]`` (the ``W_V^m``, :class:`MixtureValues`),
+    ``emb_row`` / ``emb_col`` ``[window, embed_dim]``, ``mixture`` ``[embed_dim,
+    num_mixtures]`` (the ``nu^m``), and ``norm`` (BatchNorm).
 
     Attributes:
       features: output width (64, the ResNet stem width).
@@ -80,19 +105,14 @@ class AttentionStem(nn.Module):
         )
         nu = self.param("mixture", nn.initializers.normal(self.embed_dim**-0.5),
                         (self.embed_dim, self.num_mixtures), self.param_dtype)
-        value = self.param(
-            "value", nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,)),
-            (self.num_mixtures, c, self.features), self.param_dtype,
-        )
         logits = (emb_row[:, None] + emb_col[None, :]) @ nu  # [s, s, m]
         p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        w_v = jnp.einsum("abm,mcf->abcf", p, value.astype(jnp.float32)).astype(self.dtype)
-        blocks = x.astype(self.dtype).reshape(b, h // s, s, w // s, s, c)
-        v = jnp.einsum("nyaxbc,abcf->nyaxbf", blocks, w_v).reshape(b, h, w, heads, d)
+        v = MixtureValues(
+            self.features, self.num_mixtures, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="value",
+        )(x.reshape(b, h // s, s, w // s, s, c), p).reshape(b, h, w, heads, d)
 
         y = blocked_attention(qk[..., 0, :, :], qk[..., 1, :, :], v, block=(s, s))
-        y = nn.BatchNorm(
-            use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-            param_dtype=self.param_dtype, name="norm",
-        )(y.reshape(b, h, w, self.features))
+        y = batch_norm(train, self.dtype, self.param_dtype, "norm")(
+            y.reshape(b, h, w, self.features))
         return nn.max_pool(y, (s, s), (s, s))
