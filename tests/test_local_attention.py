@@ -35,12 +35,15 @@ def _apply(layer: LocalSelfAttention, params: dict, x: np.ndarray) -> np.ndarray
 
 
 def brute_force_local_attention(
-    x: np.ndarray, params: dict, heads: int, kernel_size: int
+    x: np.ndarray, params: dict, heads: int, kernel_size: int, scale_position: bool = True
 ) -> np.ndarray:
     """Explicit loops over every output pixel and every key of its k x k window.
 
-    Keys outside the image are skipped; the first half of each head's dimension is matched
-    against the row-offset embedding, the second half against the column-offset one.
+    Logits are ``q . (k + r) / sqrt(d)``: the key plus the relative embedding ``r`` of its
+    offset, whose first half of the head dimension is the row-offset embedding and second
+    half the column-offset one. Keys outside the image are skipped.
+    ``scale_position=False`` gives ``q . k / sqrt(d) + q . r`` (only the content scaled),
+    which the layer must not compute.
     """
     b, h, w, c = x.shape
     kernel = np.asarray(params["qkv"]["kernel"], np.float64)
@@ -48,7 +51,7 @@ def brute_force_local_attention(
     rel_col = np.asarray(params["rel_col"], np.float64)
     features = kernel.shape[1] // 3
     d = features // heads
-    half, r = d // 2, kernel_size // 2
+    r = kernel_size // 2
     qkv = (x.reshape(-1, c) @ kernel).reshape(b, h, w, 3, heads, d)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
     out = np.zeros((b, h, w, heads, d))
@@ -60,9 +63,11 @@ def brute_force_local_attention(
                     if not (0 <= a < h and 0 <= bb < w):
                         continue
                     qij = q[:, i, j]  # [B, heads, d]
-                    logit = (qij * k[:, a, bb]).sum(-1) / np.sqrt(d)
-                    logit += qij[..., :half] @ rel_row[a - i + r]
-                    logit += qij[..., half:] @ rel_col[bb - j + r]
+                    rel = np.concatenate([rel_row[a - i + r], rel_col[bb - j + r]])  # [d]
+                    if scale_position:
+                        logit = (qij * (k[:, a, bb] + rel)).sum(-1) / np.sqrt(d)
+                    else:
+                        logit = (qij * k[:, a, bb]).sum(-1) / np.sqrt(d) + qij @ rel
                     logits.append(logit)
                     values.append(v[:, a, bb])
             weights = _softmax(np.stack(logits, -1))  # [B, heads, keys]
@@ -87,6 +92,17 @@ def test_matches_brute_force(h, w, kernel_size, block_size, row_chunk):
     got = _apply(layer, params, x)
     want = brute_force_local_attention(x, params, heads=2, kernel_size=kernel_size)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_position_term_is_scaled_like_the_content_term():
+    """The reference can tell the scalings apart: scaling only ``q . k`` (leaving
+    ``q . r`` unscaled) gives visibly different outputs from the layer."""
+    x = np.random.default_rng(0).normal(size=(2, 5, 9, 6)).astype(np.float32)
+    layer = LocalSelfAttention(8, num_heads=2, kernel_size=3, block_size=2)
+    params = _layer_params(layer, x)
+    unscaled_r = brute_force_local_attention(x, params, heads=2, kernel_size=3,
+                                             scale_position=False)
+    assert np.abs(_apply(layer, params, x) - unscaled_r).max() > 1e-2
 
 
 def test_translation_equivariance_across_block_boundaries():

@@ -1,13 +1,16 @@
 """Local self-attention over k x k neighbourhoods, computed block-wise (SASA, Twins LSA).
 
 Ramachandran et al. 2019 (SASA), Eq. 3: every pixel ij attends to the pixels ab of its
-k x k neighbourhood,
+k x k neighbourhood, with relative embeddings added on the keys,
 
-    y_ij = sum_ab softmax_ab(q_ij . k_ab / sqrt(d) + q_ij . r_{a-i, b-j}) v_ab,
+    y_ij = sum_ab softmax_ab(q_ij . (k_ab + r_{a-i, b-j}) / sqrt(d)) v_ab,
 
 per head, where ``r_{a-i,b-j}`` concatenates a row-offset and a column-offset embedding
-(half of the head dimension each). Keys outside the image are masked out (they are not
-zero-padding tokens), so a border pixel attends to fewer than k*k keys.
+(half of the head dimension each). The paper's Eq. 3 writes ``q . k + q . r`` with no
+scale at all; we use the standard scaled dot product on the whole logit (content and
+position term alike), as the attention of every other family here does. Keys outside the
+image are masked out (they are not zero-padding tokens), so a border pixel attends to
+fewer than k*k keys.
 
 Method (why it is memory-efficient): the naive port unfolds a k x k copy of the keys and
 values for every pixel (k*k = 49 times the map). Here the map is cut into query blocks of
@@ -184,8 +187,9 @@ def row_column_logits(
     *,
     rel_row: jax.Array,
     rel_col: jax.Array,
+    scale: float = 1.0,
 ) -> jax.Array:
-    """SASA's relative position logits ``q_ij . concat(rel_row[a - i], rel_col[b - j])``.
+    """SASA's relative position logits ``scale * q_ij . concat(rel_row[a - i], rel_col[b - j])``.
 
     The first half of each head's dimension meets a row-offset embedding, the second half
     a column-offset embedding (Ramachandran et al. 2019, Sec. 2.2); ``rel_row`` is
@@ -195,9 +199,11 @@ def row_column_logits(
 
     Args:
       q: ``[..., q_h * q_w, heads, d]`` unscaled queries.
+      scale: applied to the queries (``1 / sqrt(d)`` in :class:`LocalSelfAttention`, the
+        same scale as the content logits ``q . k``).
 
     Returns:
-      ``[..., heads, q_h * q_w, kv_h * kv_w]`` logits.
+      ``[..., heads, q_h * q_w, kv_h * kv_w]`` logits in float32.
     """
     *lead, nq, heads, d = q.shape
     half = rel_row.shape[-1]
@@ -205,13 +211,15 @@ def row_column_logits(
         raise ValueError(
             f"rel_row {rel_row.shape} and rel_col {rel_col.shape} must split head dim {d}"
         )
-    q = q.reshape(*lead, *q_hw, heads, d)
+    q = (q * jnp.asarray(scale, q.dtype)).reshape(*lead, *q_hw, heads, d)
     row, col = (
         jnp.einsum("iar,rd->iad", _one_hot_offsets(n_q, n_kv, table.shape[0]), table)
         for n_q, n_kv, table in zip(q_hw, kv_hw, (rel_row, rel_col))
     )
-    row_logits = jnp.einsum("...ijhd,iad->...hija", q[..., :half], row.astype(q.dtype))
-    col_logits = jnp.einsum("...ijhd,jbd->...hijb", q[..., half:], col.astype(q.dtype))
+    row_logits = jnp.einsum("...ijhd,iad->...hija", q[..., :half], row.astype(q.dtype),
+                            preferred_element_type=jnp.float32)
+    col_logits = jnp.einsum("...ijhd,jbd->...hijb", q[..., half:], col.astype(q.dtype),
+                            preferred_element_type=jnp.float32)
     logits = row_logits[..., :, None] + col_logits[..., None, :]
     return logits.reshape(*lead, heads, nq, kv_hw[0] * kv_hw[1])
 
@@ -228,7 +236,8 @@ class LocalSelfAttention(nn.Module):
     """SASA's local self-attention layer: k x k neighbourhoods, multi-head, relative
     row/column embeddings, q/k/v 1x1 projections without bias and no output projection.
 
-    Params: ``qkv`` (a fused bias-free Dense laid out ``[3, heads, head_dim]``, as in
+    Logits are ``q . (k + r) / sqrt(d)`` (module docstring). Params: ``qkv`` (a fused
+    bias-free Dense laid out ``[3, heads, head_dim]``, as in
     :class:`~hybrid_attn.models.layers.attention.MultiHeadAttention`), ``rel_row``
     ``[k, head_dim/2]`` and ``rel_col`` ``[k, head_dim/2]`` (:func:`row_column_logits`;
     their size depends only on k, so a new resolution needs no resizing). Output width
@@ -277,7 +286,8 @@ class LocalSelfAttention(nn.Module):
             qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :],
             block=(_block_side(h, self.block_size, ks), _block_side(w, self.block_size, ks)),
             halo=(ks // 2, ks // 2), window=(ks, ks),
-            position=functools.partial(row_column_logits, rel_row=rel_row, rel_col=rel_col),
+            position=functools.partial(row_column_logits, rel_row=rel_row, rel_col=rel_col,
+                                       scale=d**-0.5),
             row_chunk=self.row_chunk,
         )
         return out.reshape(b, h, w, self.features)
