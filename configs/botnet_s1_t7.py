@@ -16,10 +16,12 @@ Quick start (CPU, no download): --config=configs/botnet_s1_t7.py:digits trains t
 Arguments: digits | res=N | batch=N | epochs=X | steps=N | bf16  (see config_lib.build).
 """
 
+import ml_collections
+
 from hybrid_attn import config_lib
 
 
-def get_config(arg: str | None = None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return config_lib.build(
         arg,
         model_name="botnet_s1_t7",

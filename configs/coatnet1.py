@@ -8,17 +8,21 @@ RandAugment(2, 15), mixup 0.8, gradient clipping 1.0) with stochastic depth 0.3.
 Command:   python -m hybrid_attn.main --config=configs/coatnet1.py --workdir=WORKDIR
 Hardware:  a TPU v3-128 / v4-64 slice or 32 A100s; roughly 2 days for 300 epochs
            (CoAtNet-0's time scaled by FLOPs, about 2x; not measured).
-Fine-tune: res=384 with init_checkpoint set; the relative bias tables of the 224
-           checkpoint must be resized (hybrid_attn.models.resize_position_tables).
+Fine-tune: --config=configs/coatnet1.py:res=384
+           --config.init_checkpoint=<224 workdir>/checkpoints/<step>; the trainer resizes
+           the checkpoint's relative bias tables to the 384 feature maps when it loads
+           them (hybrid_attn.models.resize_position_tables), nothing to do by hand.
 Quick start (CPU, no download): --config=configs/coatnet1.py:digits trains the same
            full-size model on the embedded digits; about 2x slower than CoAtNet-0's.
 Arguments: digits | res=N | batch=N | epochs=X | steps=N | bf16  (see config_lib.build).
 """
 
+import ml_collections
+
 from hybrid_attn import config_lib
 
 
-def get_config(arg: str | None = None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return config_lib.build(
         arg,
         model_name="coatnet_1",

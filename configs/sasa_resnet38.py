@@ -28,10 +28,12 @@ Arguments: digits | res=N | batch=N | epochs=X | steps=N | bf16  (see config_lib
            ``--config.model_name=sasa_resnet38_convstem`` trains the conv-stem variant.
 """
 
+import ml_collections
+
 from hybrid_attn import config_lib
 
 
-def get_config(arg: str | None = None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return config_lib.build(
         arg,
         model_name="sasa_resnet38",
