@@ -33,7 +33,7 @@ from hybrid_attn import checkpoint, evaluate, optim, sharding
 from hybrid_attn.data import input_pipeline
 from hybrid_attn.models import get_model, resize_position_tables
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @flax.struct.dataclass
@@ -93,14 +93,14 @@ def actions_for_step(
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
     """The config's model with its class count and compute dtype (parameters stay float32)."""
-    if config.compute_dtype not in _DTYPES:
+    if config.compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(
-            f"compute_dtype must be one of {list(_DTYPES)}, got {config.compute_dtype!r}"
+            f"compute_dtype must be one of {list(COMPUTE_DTYPES)}, got {config.compute_dtype!r}"
         )
     return get_model(
         config.model_name,
         num_classes=config.data.num_classes,
-        dtype=_DTYPES[config.compute_dtype],
+        dtype=COMPUTE_DTYPES[config.compute_dtype],
         **config.model.to_dict(),
     )
 
