@@ -203,3 +203,19 @@ def test_init_checkpoint_from_another_resolution_resizes_tables(tmp_path):
     state, metrics = step(state, batch)
     assert int(state.step) == 1 and np.isfinite(float(metrics.compute()["loss"]))
     fresh.close()
+
+
+def test_bf16_switch_keeps_float32_parameters_and_logits():
+    c = config_lib.build("digits,bf16", model_name="coatnet_0")
+    c.model.update(depths=(1, 1, 1, 1), widths=(8, 8, 16, 16), stem_width=8, head_dim=8)
+    model = train.build_model(c)
+    assert model.dtype == jnp.bfloat16
+    x = jnp.ones((2, 32, 32, 3))
+    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+    dtypes = {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)}
+    assert dtypes == {jnp.dtype(jnp.float32)}
+    logits = model.apply(variables, x, train=False)
+    assert logits.dtype == jnp.float32 and logits.shape == (2, 10)
+    # The compute really ran in bfloat16: the same weights in float32 give other logits.
+    full = model.clone(dtype=jnp.float32).apply(variables, x, train=False)
+    assert 0 < float(jnp.max(jnp.abs(full - logits))) < 0.5
