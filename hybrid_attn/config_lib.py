@@ -216,6 +216,7 @@ def build(
     data: dict | None = None,
     digits_model: dict | None = None,
     digits_res: int = 32,
+    digits_epochs: float | None = None,
 ) -> ml_collections.ConfigDict:
     """The standard experiment config: the paper's ImageNet recipe, or the digits quick start.
 
@@ -228,7 +229,8 @@ def build(
     The ImageNet recipe is ``base_config``'s (CoAtNet's) unless ``recipe`` names one of
     the shared recipes above; ``res``/``batch_size``/``num_epochs`` and the
     ``model``/``optim``/``data`` sections override it. ``digits_model`` overrides ``model``
-    for the quick start (e.g. a lower drop-path rate).
+    for the quick start (e.g. a lower drop-path rate) and ``digits_epochs`` its length
+    (models that learn more slowly from 1,437 images need more than the default 8).
     """
     recipe = recipe or {}
 
@@ -241,6 +243,7 @@ def build(
     if a.digits:
         digits(c, res=a.res or digits_res)
         c.model.update(digits_model or {})
+        c.num_epochs = digits_epochs or c.num_epochs
     else:
         imagenet(c, res=a.res or pick(res, "res", 224))
         c.batch_size = pick(batch_size, "batch_size", c.batch_size)
