@@ -12,7 +12,9 @@ Hardware:  the authors used 8 GPUs x 128 images; on 8 V100/A100-class GPUs or a 
            slice expect about 2.5 days for 300 epochs. With batch=N, scale the learning rate
            to 5e-4 x N/512 (optim.learning_rate is not rescaled automatically).
 Quick start (CPU, no download): --config=configs/twins_pcpvt_b.py:digits trains the same
-           full-size model on the embedded digits at 32x32 (the smallest input Twins takes).
+           full-size model on the embedded digits at 32x32 (the smallest input Twins
+           takes) for 50 epochs. Measured for twins_svt_s on 2 CPU cores: 98.3% test
+           accuracy in 7.7 minutes (30 epochs gave 96.9%).
 Arguments: digits | res=N | batch=N | epochs=X | steps=N | bf16  (see config_lib.build).
            Any resolution works without resizing anything (no position tables).
 """
@@ -29,4 +31,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         recipe=config_lib.TWINS_300_EPOCHS,
         model={"drop_path_rate": 0.3},
         digits_model={"drop_path_rate": 0.1},
+        digits_epochs=50.0,
     )
