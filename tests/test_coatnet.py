@@ -78,6 +78,16 @@ def test_stride_location_sets_flops_not_parameters():
     assert 1.07 < macs["depthwise"] / macs["expand"] < 1.10
 
 
+@pytest.mark.parametrize("name,paper_gmacs", [("coatnet_1", 8.4), ("coatnet_2", 15.7),
+                                               ("coatnet_3", 34.7)])
+def test_larger_models_match_the_papers_flops(name, paper_gmacs):
+    """Table 3's FLOPs (multiply-adds) at 224 with the paper's stride placement."""
+    model = get_model(name, stride_at="expand")
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(
+        _shapes(model), jax.ShapeDtypeStruct(IMAGE_224, jnp.float32))
+    assert abs(_macs(jaxpr.jaxpr) / (paper_gmacs * 1e9) - 1) < 0.02
+
+
 def _golden(name: str):
     golden = np.load(GOLDENS / f"coatnet_{name}.npz")
     config = {k: tuple(v) if isinstance(v, list) else v

@@ -23,7 +23,8 @@ timm's. Multiply-adds of convolutions and matrix products at 224 with ``stride_a
 6%, 6%.
 
 Input height and width must be multiples of 32 (five stride-2 stages); the relative bias
-tables are sized from the traced input, see ``layers/relative_bias.py`` for resizing.
+tables are sized from the traced input (``hybrid_attn.models.resize_position_tables``
+adapts trained tables to a new resolution).
 """
 
 from __future__ import annotations
