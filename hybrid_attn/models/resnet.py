@@ -191,11 +191,12 @@ class ResNet(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"ResNet expects NHWC images, got shape {x.shape}")
         x = x.astype(self.dtype)
-        if self.stem is None:
+        stem = self.stem_factory()
+        if stem is None:
             x = ConvStem(self.width, self.activation, dtype=self.dtype,
                          param_dtype=self.param_dtype, name="stem")(x, train=train)
         else:
-            x = self.stem(name="stem")(x, train=train)
+            x = stem(name="stem")(x, train=train)
         rates = drop_path_rates(self.drop_path_rate, list(self.stage_sizes))
         last = len(self.stage_sizes) - 1
         for s, n in enumerate(self.stage_sizes):
@@ -212,9 +213,13 @@ class ResNet(nn.Module):
                      name="head")(x.astype(self.dtype))
         return x.astype(jnp.float32)
 
+    def stem_factory(self) -> StemFactory | None:
+        """The stem: ``self.stem``; subclasses may override (SASA's attention stem)."""
+        return self.stem
+
     def block_spatial(self, stage_index: int, block_index: int) -> SpatialFactory | None:
         """The spatial op of one block: ``self.spatial``'s choice; subclasses may override
-        (BoTNet picks attention for its attention stages)."""
+        (BoTNet and SASA pick attention for their attention stages)."""
         return self.spatial(stage_index, block_index) if self.spatial is not None else None
 
 

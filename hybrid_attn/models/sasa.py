@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from hybrid_attn.models.layers.attention_stem import AttentionStem
 from hybrid_attn.models.layers.local_attention import LocalSelfAttention
 from hybrid_attn.models.layers.pooling import avg_pool2
-from hybrid_attn.models.resnet import ResNet
+from hybrid_attn.models.resnet import ResNet, SpatialFactory, StemFactory
 
 Dtype = Any
 
@@ -73,14 +73,11 @@ class AttentionSpatial(nn.Module):
         return avg_pool2(y) if self.strides == 2 else y
 
 
-class SASAResNet(nn.Module):
-    """A ResNet whose spatial convolutions (and optionally stem) are self-attention.
+class SASAResNet(ResNet):
+    """A :class:`ResNet` whose spatial convolutions (and optionally stem) are self-attention.
 
-    Attributes:
-      stage_sizes: bottleneck blocks per stage: 26 = (1, 2, 4, 1), 38 = (2, 3, 5, 2),
-        50 = (3, 4, 6, 3) (Table 1).
-      num_classes: classifier width (0 returns pooled features).
-      width: first-stage bottleneck width (and stem width).
+    Attributes (beyond ResNet's; ``stage_sizes`` 26 = (1, 2, 4, 1), 38 = (2, 3, 5, 2),
+    50 = (3, 4, 6, 3), Table 1):
       attention_stem: the spatially-aware attention stem instead of the 7x7 conv stem.
       attention_stages: stages (0-based, c2 = 0) whose convolutions become attention;
         the paper's Table 4 ablation varies this, the models use all four.
@@ -88,12 +85,8 @@ class SASAResNet(nn.Module):
       block_size / row_chunk: memory/speed knobs of the block-wise attention; they never
         change the result (see :mod:`~hybrid_attn.models.layers.local_attention`).
       stem_heads: heads of the attention stem (4).
-      drop_path_rate: stochastic depth rising linearly to this over all blocks.
     """
 
-    stage_sizes: Sequence[int]
-    num_classes: int = 1000
-    width: int = 64
     attention_stem: bool = True
     attention_stages: Sequence[int] = (0, 1, 2, 3)
     num_heads: int = 8
@@ -101,33 +94,23 @@ class SASAResNet(nn.Module):
     block_size: int = 4
     row_chunk: int | None = 1
     stem_heads: int = 4
-    drop_path_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
-    def setup(self) -> None:
-        dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        spatial = functools.partial(
+    def stem_factory(self) -> StemFactory | None:
+        """The attention stem (``width`` channels), or ResNet's conv stem."""
+        if not self.attention_stem:
+            return super().stem_factory()
+        return functools.partial(AttentionStem, features=self.width, num_heads=self.stem_heads,
+                                 dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def block_spatial(self, stage_index: int, block_index: int) -> SpatialFactory | None:
+        """Local self-attention in the attention stages, else ResNet's choice."""
+        if stage_index not in self.attention_stages:
+            return super().block_spatial(stage_index, block_index)
+        return functools.partial(
             AttentionSpatial, num_heads=self.num_heads, kernel_size=self.kernel_size,
-            block_size=self.block_size, row_chunk=self.row_chunk, **dt,
+            block_size=self.block_size, row_chunk=self.row_chunk, dtype=self.dtype,
+            param_dtype=self.param_dtype,
         )
-        stem = None
-        if self.attention_stem:
-            stem = functools.partial(
-                AttentionStem, features=self.width, num_heads=self.stem_heads, **dt
-            )
-        stages = tuple(self.attention_stages)
-        self.resnet = ResNet(
-            stage_sizes=tuple(self.stage_sizes), num_classes=self.num_classes,
-            width=self.width, stem=stem,
-            spatial=lambda stage, block: spatial if stage in stages else None,
-            drop_path_rate=self.drop_path_rate, **dt,
-        )
-        # The ResNet's variables live at this module's top level (``stem``, ``stage1``...).
-        nn.share_scope(self, self.resnet)
-
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        return self.resnet(x, train=train)
 
 
 sasa_resnet26 = functools.partial(SASAResNet, stage_sizes=(1, 2, 4, 1))
