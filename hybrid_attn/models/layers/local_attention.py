@@ -97,6 +97,8 @@ def blocked_attention(
     position: PositionTerm | None = None,
     scale: float | None = None,
     row_chunk: int | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
 ) -> jax.Array:
     """Attention of each ``block`` of queries to the same block of keys plus a ``halo``.
 
@@ -121,6 +123,8 @@ def blocked_attention(
         sequential loop whose body is rematerialised in the backward pass, so the logits
         of only that many block rows are ever alive (forward and backward). None
         processes every block at once (fastest, most memory).
+      dropout_rate, dropout_rng: dropout on the attention weights (an independent mask
+        per block row).
 
     Returns:
       ``[B, H, W, heads, dv]`` in the dtype of ``v``.
@@ -165,8 +169,10 @@ def blocked_attention(
             mask = row_mask & jnp.asarray(cols)[:, None, :, None, :]
             mask = mask.reshape(nw, 1, bh * bw, kh * kw)  # [nw, heads, queries, keys]
         bias = position(qn, (bh, bw), (kh, kw)) if position is not None else None
+        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, n)
         out = dot_product_attention(
-            qn * jnp.asarray(scale, qn.dtype), keys(k), keys(v), bias=bias, mask=mask
+            qn * jnp.asarray(scale, qn.dtype), keys(k), keys(v), bias=bias, mask=mask,
+            dropout_rate=dropout_rate, dropout_rng=rng,
         )
         out = out.reshape(b, nw, bh, bw, heads, dv).transpose(0, 2, 1, 3, 4, 5)
         return out.reshape(b, bh, wp, heads, dv)

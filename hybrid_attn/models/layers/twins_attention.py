@@ -3,8 +3,9 @@
 * Global sub-sampled attention (GSA): every token queries keys/values taken from a
   sub-sampled copy of the map (conv with kernel = stride = ``sr``, then LayerNorm). It is
   the shared :class:`MultiHeadAttention` in cross-attention form ``attn(x, kv)``.
-* Locally-grouped attention (LSA): self-attention inside non-overlapping windows, on
-  :func:`dot_product_attention` with a mask for the padded border.
+* Locally-grouped attention (LSA): self-attention inside non-overlapping windows, the
+  shared block-wise local attention (:func:`blocked_attention` with no halo) that also
+  serves SASA, which masks the padded border.
 
 Both take and return NHWC maps; parameter names follow the published code
 (``q``/``kv``/``proj``/``sr``/``norm`` and ``qkv``/``proj``).
@@ -18,7 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hybrid_attn.models.layers.attention import MultiHeadAttention, dot_product_attention
+from hybrid_attn.models.layers.attention import MultiHeadAttention
+from hybrid_attn.models.layers.local_attention import blocked_attention
 
 Dtype = Any
 
@@ -76,22 +78,6 @@ class GlobalSubsampledAttention(nn.Module):
         return attn(x, kv, train=train)
 
 
-def _to_windows(x: jax.Array, wh: int, ww: int) -> jax.Array:
-    """``[B, Hp, Wp, ...]`` -> ``[B, windows, wh * ww, ...]`` (row-major window order)."""
-    b, hp, wp, *rest = x.shape
-    x = x.reshape(b, hp // wh, wh, wp // ww, ww, *rest)
-    x = jnp.moveaxis(x, 3, 2)
-    return x.reshape(b, (hp // wh) * (wp // ww), wh * ww, *rest)
-
-
-def _from_windows(x: jax.Array, hp: int, wp: int, wh: int, ww: int) -> jax.Array:
-    """Inverse of :func:`_to_windows`."""
-    b, _, _, *rest = x.shape
-    x = x.reshape(b, hp // wh, wp // ww, wh, ww, *rest)
-    x = jnp.moveaxis(x, 2, 3)
-    return x.reshape(b, hp, wp, *rest)
-
-
 class LocallyGroupedAttention(nn.Module):
     """LSA: multi-head self-attention inside non-overlapping ``window_size`` windows.
 
@@ -125,24 +111,19 @@ class LocallyGroupedAttention(nn.Module):
         b, h, w, c = x.shape
         heads, d = self.num_heads, _head_dim(c, self.num_heads)
         ws = self.window_size
-        wh, ww = (min(ws, h), min(ws, w)) if self.mask_padding else (ws, ws)
-        pad = ((0, 0), (0, (-h) % wh), (0, (-w) % ww), (0, 0))
-        hp, wp = h + pad[1][1], w + pad[2][1]
         qkv_dense = nn.Dense(3 * c, dtype=self.dtype, param_dtype=self.param_dtype, name="qkv")
         if self.mask_padding:
-            qkv = jnp.pad(qkv_dense(x), pad)
+            # blocked_attention pads to whole windows and masks the padded keys.
+            block = (min(ws, h), min(ws, w))
+            qkv = qkv_dense(x)
         else:
-            qkv = qkv_dense(jnp.pad(x, pad))
-        qkv = _to_windows(qkv, wh, ww).reshape(b, -1, wh * ww, 3, heads, d)
-        q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-        mask = None
-        if self.mask_padding and (hp, wp) != (h, w):
-            valid = (jnp.arange(hp) < h)[:, None] & (jnp.arange(wp) < w)[None, :]
-            mask = _to_windows(valid[None], wh, ww)[:, :, None, None, :]
+            block = (ws, ws)
+            qkv = qkv_dense(jnp.pad(x, ((0, 0), (0, (-h) % ws), (0, (-w) % ws), (0, 0))))
+        qkv = qkv.reshape(*qkv.shape[:3], 3, heads, d)
         rng = self.make_rng("dropout") if train and self.attn_dropout > 0 else None
-        out = dot_product_attention(
-            q * jnp.asarray(d**-0.5, q.dtype), k, v, mask=mask,
+        out = blocked_attention(
+            qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :], block=block,
             dropout_rate=self.attn_dropout if train else 0.0, dropout_rng=rng,
         )
-        out = _from_windows(out.reshape(b, -1, wh * ww, c), hp, wp, wh, ww)[:, :h, :w]
+        out = out[:, :h, :w].reshape(b, h, w, c)
         return nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out)
