@@ -1,17 +1,22 @@
 """Entry point: ``python -m hybrid_attn.main --config=configs/coatnet0.py:digits --workdir=DIR``.
 
-Parses flags, logs the hosts and devices, and calls ``train.train_and_evaluate``.
+Parses flags, starts the multi-process runtime (``hybrid_attn.distributed``), logs the
+hosts and devices, and calls ``train.train_and_evaluate``. Bad input (a config typo, a
+workdir of another model, a diverging run) ends with one line on stderr and exit code 1
+(2 for flag errors).
 """
 
 from __future__ import annotations
 
 import logging as std_logging
+import sys
+from collections.abc import Sequence
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from hybrid_attn import train
+from hybrid_attn import checkpoint, distributed, train
 from hybrid_attn.data.input_pipeline import DatasetNotPreparedError
 
 FLAGS = flags.FLAGS
@@ -19,11 +24,27 @@ config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/coatnet0.py:digits", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard events.")
-flags.DEFINE_bool(
-    "jax_distributed", False,
-    "Call jax.distributed.initialize() first (multi-host TPU pods, SLURM/GPU clusters).",
-)
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl flag parsing, but a bad flag or ``--config`` (unknown key, wrong type, invalid
+    value) exits with one line naming it instead of a traceback through ml_collections."""
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        sys.stderr.write(f"Invalid flags: {_innermost_message(e)}\n")
+        sys.exit(2)
+
+
+def _innermost_message(error: BaseException) -> str:
+    """The first message in the exception chain that is not a wrapped traceback, on one
+    line (ml_collections wraps a config error in two layers of traceback text)."""
+    while "Traceback" in str(error) and (error.__cause__ or error.__context__):
+        error = error.__cause__ or error.__context__
+    text = str(error.args[0] if error.args else error)
+    text = text.replace("\\n", " ").replace("\\'", "'").strip("'")
+    return " ".join(text.split())
 
 
 def _quiet_third_party_info() -> None:
@@ -40,14 +61,14 @@ def main(argv: list[str]) -> None:
     _quiet_third_party_info()
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if FLAGS.jax_distributed:
-        jax.distributed.initialize()
+    distributed.initialize_from_flags()
     logging.info("JAX process %d of %d; %d local / %d global devices: %s",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count(), jax.devices())
     try:
         result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except DatasetNotPreparedError as e:
+    except (DatasetNotPreparedError, checkpoint.CheckpointMismatchError,
+            train.NonFiniteLossError) as e:
         raise SystemExit(str(e)) from None
     if result and jax.process_index() == 0:
         print(f"Final {FLAGS.config.data.eval_split} accuracy: {result['accuracy']:.4f} "
@@ -55,4 +76,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -1,12 +1,27 @@
-"""Device mesh and shardings: the batch is split over every device, parameters replicated.
+"""Device mesh and shardings declared by rules over parameter paths (big_vision style).
 
-Everything is ``jax.jit`` over global arrays with explicit ``NamedSharding``s (the modern
-form of pjit); there is no pmap. A single ``data`` mesh axis spans all devices of all
-processes.
+The mesh has two named axes, ``data`` and ``fsdp``; the batch is split over both, so
+every device sees a distinct slice of it. Each leaf of the train state (parameters,
+optimizer state, EMA, BatchNorm statistics) is placed by the first rule whose regex
+matches its path (``params/stage3/block0/attn/qkv/kernel``,
+``opt_state/1/0/mu/stage3/...``):
+
+- ``"fsdp"``: split the largest dimension that the ``fsdp`` axis size divides over that
+  axis (replicated when none does, or when the leaf has fewer than ``min_fsdp_elements``
+  elements, where the all-gathers would cost more than the memory saved);
+- ``"replicate"``: a full copy on every device.
+
+With ``fsdp=1`` (the default) everything is replicated, the plain data-parallel layout
+that suits small models. Since optimizer moments have the shapes of their parameters, one
+rule places a parameter and its moments alike. Everything is ``jax.jit`` over global
+arrays with explicit ``NamedSharding``s (the modern form of pjit); there is no pmap.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -14,12 +29,58 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
+RULE_KINDS = ("fsdp", "replicate")
 
 
-def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh over ``devices`` (default: all devices of all processes)."""
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+@dataclasses.dataclass(frozen=True)
+class ShardingConfig:
+    """Typed view of ``config.sharding``.
+
+    ``fsdp``: devices on the ``fsdp`` axis (1: replicate everything; -1: all devices);
+    the ``data`` axis takes the remaining factor. ``rules``: ``(regex, kind)`` pairs,
+    first match wins, unmatched leaves are replicated.
+    """
+
+    fsdp: int = 1
+    rules: tuple[tuple[str, str], ...] = ((".*", "fsdp"),)
+    min_fsdp_elements: int = 2**12
+
+    def __post_init__(self) -> None:
+        rules = tuple((str(r), str(k)) for r, k in self.rules)
+        object.__setattr__(self, "rules", rules)
+        if self.fsdp == 0 or self.fsdp < -1:
+            raise ValueError(f"sharding.fsdp must be >= 1 or -1 (all devices), got {self.fsdp}")
+        for regex, kind in rules:
+            if kind not in RULE_KINDS:
+                raise ValueError(f"sharding rule {regex!r}: kind must be one of {RULE_KINDS}, "
+                                 f"got {kind!r}")
+            re.compile(regex)
+
+    @classmethod
+    def from_config(cls, c: Mapping[str, Any] | None) -> ShardingConfig:
+        """From ``config.sharding`` (a ConfigDict, mapping, or None for the defaults)."""
+        values = {} if c is None else (c.to_dict() if hasattr(c, "to_dict") else dict(c))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown sharding config keys {unknown}; valid: {sorted(known)}")
+        return cls(**values)
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None, fsdp: int = 1) -> Mesh:
+    """A ``(data, fsdp)`` mesh over ``devices`` (default: all devices of all processes).
+
+    Devices keep JAX's order (grouped by process), so each process's devices hold a
+    contiguous part of the batch.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    fsdp = n if fsdp == -1 else fsdp
+    if fsdp < 1 or n % fsdp:
+        raise ValueError(f"sharding.fsdp={fsdp} must divide the device count {n} (or be -1)")
+    return Mesh(np.asarray(devices, dtype=object).reshape(n // fsdp, fsdp), BATCH_AXES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -27,22 +88,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over the ``data`` axis."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    """Leading (batch) axis split over both mesh axes."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
 def check_batch_size(global_batch: int, mesh: Mesh, what: str = "batch_size") -> None:
     """Raises ValueError unless the global batch splits evenly over devices and processes."""
     n = mesh.devices.size
-    if global_batch % n or global_batch % jax.process_count():
+    if global_batch < 1 or global_batch % n or global_batch % jax.process_count():
         raise ValueError(
-            f"{what}={global_batch} must be divisible by the number of devices ({n}) "
-            f"and processes ({jax.process_count()})"
+            f"{what}={global_batch} must be a positive multiple of the number of devices "
+            f"({n}) and processes ({jax.process_count()})"
         )
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assembles each process's local numpy batch into global arrays sharded over ``data``."""
+    """Assembles each process's local numpy batch into global arrays split over the batch
+    axes (process ``p`` holds rows ``[p * local, (p + 1) * local)``)."""
     sharding = batch_sharding(mesh)
     return {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
@@ -50,6 +112,43 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     }
 
 
-def replicate_tree(tree: Any, mesh: Mesh) -> Any:
-    """Shardings that replicate every leaf of ``tree`` (arrays or ShapeDtypeStructs)."""
-    return jax.tree_util.tree_map(lambda _: replicated(mesh), tree)
+def path_string(path: tuple) -> str:
+    """``params/stage3/block0/attn/kernel`` for a jax key path."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _fsdp_spec(shape: tuple[int, ...], axis_size: int, min_elements: int) -> PartitionSpec:
+    if axis_size == 1 or int(np.prod(shape, dtype=np.int64)) < max(min_elements, 1):
+        return PartitionSpec()
+    candidates = [d for d in np.argsort(shape, kind="stable")[::-1] if shape[d] % axis_size == 0]
+    if not candidates:
+        return PartitionSpec()
+    spec = [None] * len(shape)
+    spec[int(candidates[0])] = FSDP_AXIS
+    return PartitionSpec(*spec)
+
+
+def tree_shardings(tree: Any, mesh: Mesh, cfg: ShardingConfig) -> Any:
+    """A ``NamedSharding`` for every leaf of ``tree`` (arrays or ShapeDtypeStructs) by the
+    first matching rule of ``cfg`` (see the module docstring)."""
+    axis_size = mesh.shape[FSDP_AXIS]
+    compiled = [(re.compile(regex), kind) for regex, kind in cfg.rules]
+
+    def place(path, leaf) -> NamedSharding:
+        name = path_string(path)
+        kind = next((k for r, k in compiled if r.search(name)), "replicate")
+        if kind == "fsdp":
+            return NamedSharding(mesh, _fsdp_spec(tuple(leaf.shape), axis_size,
+                                                  cfg.min_fsdp_elements))
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(place, tree)
+

@@ -1,11 +1,15 @@
 """``train_and_evaluate``: state creation, the jitted step, the loop, and when to log,
 evaluate and checkpoint.
 
-The step is ``jax.jit`` over global arrays on a 1-D device mesh: the batch is sharded over
-every device, parameters are replicated and created already placed (``jax.eval_shape``,
-then a jitted init with ``out_shardings``), and the old state is donated. Per-step
-randomness is ``fold_in(key, step)``, and the input pipeline is deterministic, so a run
-resumed from a checkpoint repeats an uninterrupted one.
+The step is ``jax.jit`` over global arrays on a ``(data, fsdp)`` device mesh: the batch
+is split over every device, the state is placed by ``sharding``'s rules (replicated by
+default, FSDP with ``config.sharding.fsdp > 1``) and created already placed
+(``jax.eval_shape``, then a jitted init with ``out_shardings``), and the old state is
+donated. Per-step randomness is ``fold_in(key, step)``, and the input pipeline is
+deterministic, so a run resumed from a checkpoint repeats an uninterrupted one.
+
+A non-finite loss or gradient norm stops the run (NonFiniteLossError, naming the step)
+before anything is evaluated or saved, so the newest checkpoint stays the last good one.
 """
 
 
@@ -51,11 +55,34 @@ class TrainState:
 
 
 @flax.struct.dataclass
+@flax.struct.dataclass
+class FirstNonFinite(metrics.Metric):
+    """The first step (1-based) whose loss or gradient norm was not finite; 0 if none."""
+
+    step: jax.Array
+
+    @classmethod
+    def from_model_output(cls, *, nonfinite_step: jax.Array, **_) -> "FirstNonFinite":
+        return cls(step=jnp.asarray(nonfinite_step, jnp.int32))
+
+    def merge(self, other: "FirstNonFinite") -> "FirstNonFinite":
+        return type(self)(step=jnp.where(self.step > 0, self.step, other.step))
+
+    def compute(self) -> jax.Array:
+        return self.step
+
+
+@flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
     loss: metrics.Average.from_output("loss")
     accuracy: metrics.Average.from_output("accuracy")
     grad_norm: metrics.Average.from_output("grad_norm")
     learning_rate: metrics.LastValue.from_output("learning_rate")
+    first_nonfinite_step: FirstNonFinite
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/Inf loss or gradient; nothing of it was saved."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,9 +140,10 @@ def create_train_state(
     mesh: Mesh,
     *,
     ema: bool,
+    sharding_cfg: sharding.ShardingConfig | None = None,
 ) -> tuple[TrainState, Any]:
-    """Initialises the state directly in its (replicated) sharding; returns it and the
-    sharding tree."""
+    """Initialises the state directly in the sharding ``sharding_cfg``'s rules give it (no
+    device ever holds an unsharded copy); returns it and the sharding tree."""
 
     def init(rng):
         variables = model.init({"params": rng, "dropout": rng}, jnp.zeros(image_shape), train=False)
@@ -129,7 +157,8 @@ def create_train_state(
             ema=_copy({"params": params, "batch_stats": batch_stats}) if ema else None,
         )
 
-    shardings = sharding.replicate_tree(jax.eval_shape(init, rng), mesh)
+    shardings = sharding.tree_shardings(jax.eval_shape(init, rng), mesh,
+                                        sharding_cfg or sharding.ShardingConfig())
     return jax.jit(init, out_shardings=shardings)(rng), shardings
 
 
@@ -142,26 +171,60 @@ def train_step(
     schedule: optax.Schedule,
     base_rng: jax.Array,
     ema_decay: float,
+    grad_accum_steps: int = 1,
 ) -> tuple[TrainState, TrainMetrics]:
-    """One update on a global batch (``image`` NHWC, ``label`` soft targets [B, classes])."""
+    """One optimizer update on a global batch (``image`` NHWC, ``label`` soft targets
+    [B, classes]).
+
+    With ``grad_accum_steps = k > 1`` the batch is split into k microbatches (example i
+    goes to microbatch ``i % k``, so each stays spread over every device) and a
+    ``lax.scan`` averages their gradients: the update equals the one on the whole batch
+    for a model without batch statistics. Every microbatch starts from the same
+    BatchNorm statistics and the new statistics are their average, so the running
+    averages still move once per update, as with one large batch. The learning-rate
+    schedule, the EMA and ``state.step`` count updates, not microbatches.
+    """
     rng = jax.random.fold_in(base_rng, state.step)
     has_bn = bool(jax.tree_util.tree_leaves(state.batch_stats))
 
-    def loss_fn(params):
+    def loss_fn(params, images, labels, micro_rng):
         variables = {"params": params}
         if has_bn:
             variables["batch_stats"] = state.batch_stats
         logits, updates = model.apply(
-            variables, batch["image"], train=True,
-            mutable=["batch_stats"] if has_bn else [], rngs={"dropout": rng},
+            variables, images, train=True,
+            mutable=["batch_stats"] if has_bn else [], rngs={"dropout": micro_rng},
         )
-        loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), batch["label"]).mean()
-        return loss, (logits, updates)
+        loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), labels).mean()
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
+        stats = updates["batch_stats"] if has_bn else state.batch_stats
+        return loss, (accuracy, stats)
 
-    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum_steps == 1:
+        (loss, (accuracy, batch_stats)), grads = grad_fn(
+            state.params, batch["image"], batch["label"], rng)
+    else:
+        k = grad_accum_steps
+
+        def split(x):
+            return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+        def micro(carry, xs):
+            images, labels, i = xs
+            out = grad_fn(state.params, images, labels, jax.random.fold_in(rng, i))
+            return jax.tree_util.tree_map(jnp.add, carry, out), None
+
+        zeros = jax.tree_util.tree_map(
+            jnp.zeros_like,
+            jax.eval_shape(grad_fn, state.params, split(batch["image"])[0],
+                           split(batch["label"])[0], rng))
+        summed, _ = jax.lax.scan(
+            micro, zeros, (split(batch["image"]), split(batch["label"]), jnp.arange(k)))
+        (loss, (accuracy, batch_stats)), grads = jax.tree_util.tree_map(
+            lambda x: x / k, summed)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, param_updates)
-    batch_stats = updates["batch_stats"] if has_bn else state.batch_stats
     ema = state.ema
     if ema is not None:
         ema = optax.incremental_update(
@@ -174,10 +237,12 @@ def train_step(
         opt_state=opt_state,
         ema=ema,
     )
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(batch["label"], -1))
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     step_metrics = TrainMetrics.single_from_model_output(
-        loss=loss, accuracy=accuracy, grad_norm=optax.global_norm(grads),
+        loss=loss, accuracy=accuracy, grad_norm=grad_norm,
         learning_rate=schedule(state.step),
+        nonfinite_step=jnp.where(finite, 0, state.step + 1),
     )
     return new_state, step_metrics
 
@@ -190,10 +255,12 @@ def make_train_step(
     ema_decay: float,
     state_shardings: Any,
     mesh: Mesh,
+    grad_accum_steps: int = 1,
 ) -> Callable[[TrainState, dict], tuple[TrainState, TrainMetrics]]:
     """``train_step`` jitted with explicit shardings and the old state donated."""
     step = functools.partial(
-        train_step, model=model, tx=tx, schedule=schedule, base_rng=base_rng, ema_decay=ema_decay
+        train_step, model=model, tx=tx, schedule=schedule, base_rng=base_rng,
+        ema_decay=ema_decay, grad_accum_steps=grad_accum_steps,
     )
     return jax.jit(
         step,
@@ -228,7 +295,9 @@ class _StopRequest:
         flags = multihost_utils.process_allgather(np.asarray(self._signalled))
         return bool(np.any(flags))
 
-    def restore(self):
+    def restore(self) -> None:
+        """Reinstalls the previous handler; call it only once the last save has committed
+        (a SIGTERM before that must not kill the process mid-save)."""
         signal.signal(signal.SIGTERM, self._previous)
 
 
@@ -240,16 +309,17 @@ def initial_state(
     model: nn.Module,
     image_shape: tuple[int, ...],
 ) -> tuple[TrainState, str]:
-    """Resume order: the workdir's newest checkpoint, else ``init_checkpoint``, else scratch.
+    """Resume order: the workdir's newest readable checkpoint, else ``init_checkpoint``,
+    else scratch.
 
     ``init_checkpoint`` gives weights only (fresh optimizer and step): its EMA weights when
     it kept them (the ones its evaluations reported), else its raw weights. It may come
     from another resolution: position tables are resized for ``image_shape`` (e.g. 224 ->
     384 fine-tuning).
     """
-    latest = ckpt.latest_step()
-    if latest is not None:
-        return ckpt.restore(state), f"workdir checkpoint at step {latest}"
+    resumed = ckpt.restore(state)
+    if resumed is not None:
+        return resumed[0], f"workdir checkpoint at step {resumed[1]}"
     if not init_checkpoint:
         return state, "scratch"
     loaded = checkpoint.load_variables(init_checkpoint)
@@ -260,7 +330,9 @@ def initial_state(
     }
     target = {"params": state.params, "batch_stats": state.batch_stats}
     if jax.tree_util.tree_structure(weights) != jax.tree_util.tree_structure(target):
-        raise ValueError(f"init_checkpoint {init_checkpoint} does not hold this model's variables")
+        raise checkpoint.CheckpointMismatchError(
+            f"init_checkpoint {init_checkpoint} holds the variables of "
+            f"{loaded['meta'].get('model_name', 'another model')}, not of this run's model")
     weights = jax.tree_util.tree_map(
         lambda new, old: jax.device_put(jnp.asarray(old, new.dtype), new.sharding),
         target, weights,
@@ -281,8 +353,15 @@ def _copy(tree: Any) -> Any:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the
     final evaluation metrics on the config's eval split."""
-    mesh = sharding.make_mesh()
+    sharding_cfg = sharding.ShardingConfig.from_config(config.get("sharding"))
+    mesh = sharding.make_mesh(fsdp=sharding_cfg.fsdp)
+    grad_accum_steps = config.get("grad_accum_steps", 1)
+    if grad_accum_steps < 1 or config.batch_size % grad_accum_steps:
+        raise ValueError(f"grad_accum_steps={grad_accum_steps} must be >= 1 and divide "
+                         f"batch_size={config.batch_size}")
     sharding.check_batch_size(config.batch_size, mesh)
+    sharding.check_batch_size(config.batch_size // grad_accum_steps, mesh,
+                              "batch_size / grad_accum_steps (the microbatch)")
     sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     input_cfg = input_pipeline.InputConfig.from_config(config.data)
     input_pipeline.get_builder(input_cfg)  # fails fast, with instructions, if not prepared
@@ -298,10 +377,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     image_shape = (1, input_cfg.image_size, input_cfg.image_size, 3)
     state, state_shardings = create_train_state(
-        model, tx, init_rng, image_shape, mesh, ema=optim_cfg.ema_decay > 0
+        model, tx, init_rng, image_shape, mesh, ema=optim_cfg.ema_decay > 0,
+        sharding_cfg=sharding_cfg,
     )
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-    ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+    meta = {"model_name": config.model_name,
+            "summary": f"{num_params / 1e6:.2f}M parameters, {input_cfg.num_classes} classes, "
+                       f"{input_cfg.image_size}px"}
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints, meta=meta)
     state, source = initial_state(state, ckpt, init_checkpoint=config.init_checkpoint,
                                   model=model, image_shape=image_shape)
     start_step = int(state.step)
@@ -316,7 +399,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_hparams({k: v for k, v in config.to_dict().items()
                               if isinstance(v, int | float | str | bool)})
     train_step_fn = make_train_step(
-        model, tx, schedule, train_rng, optim_cfg.ema_decay, state_shardings, mesh
+        model, tx, schedule, train_rng, optim_cfg.ema_decay, state_shardings, mesh,
+        grad_accum_steps=grad_accum_steps,
     )
     eval_step_fn = evaluate.make_eval_step(model)
     train_iter = input_pipeline.train_iterator(
@@ -364,8 +448,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 checkpoint_every=config.checkpoint_every_steps,
                 stop_requested=stopped,
             )
+            if actions.log or actions.evaluate or actions.checkpoint:
+                _check_finite(train_metrics, ckpt)
             if actions.log:
-                summary = {f"train_{k}": float(v) for k, v in train_metrics.compute().items()}
+                summary = {f"train_{k}": float(v) for k, v in train_metrics.compute().items()
+                           if k != "first_nonfinite_step"}
                 elapsed = time.time() - last_log_time
                 steps_per_s = (step - last_log_step) / max(elapsed, 1e-9)
                 summary["train_images_per_sec"] = steps_per_s * config.batch_size
@@ -391,13 +478,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 logging.info("Workdir already holds the final step %d.", total_steps)
                 result = run_eval(total_steps)
     finally:
-        stop.restore()
-        ckpt.close()
+        ckpt.close()  # waits for the last async save to commit ...
+        stop.restore()  # ... before a SIGTERM may kill the process again
         writer.flush()
     if result and not stopped:
         logging.info("Final %s accuracy: %.4f over %d examples.", input_cfg.eval_split,
                      result["accuracy"], result["num_examples"])
     return result
+
+
+def _check_finite(train_metrics: TrainMetrics, ckpt: checkpoint.Checkpointer) -> None:
+    """Raises NonFiniteLossError naming the first step since the last check whose loss or
+    gradient norm was NaN/Inf (the state after it is discarded, never saved)."""
+    bad = int(train_metrics.first_nonfinite_step.compute())
+    if bad:
+        raise NonFiniteLossError(
+            f"Non-finite loss or gradient at step {bad}: stopped without saving it; the "
+            f"newest checkpoint (step {ckpt.latest_step()}) is intact. Lower "
+            "optim.learning_rate or enable optim.grad_clip_norm, then rerun to resume.")
 
 
 def _format_eta(seconds: float) -> str:

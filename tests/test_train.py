@@ -102,7 +102,7 @@ def test_train_step_same_on_8_devices_as_on_1():
 
 
 def test_batch_size_must_split_over_devices():
-    with pytest.raises(ValueError, match="divisible by the number of devices"):
+    with pytest.raises(ValueError, match="positive multiple of the number of devices"):
         sharding.check_batch_size(12, sharding.make_mesh())
 
 

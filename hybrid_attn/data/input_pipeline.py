@@ -1,9 +1,12 @@
 """Host-side tf.data pipelines: an infinite augmented training stream and exact evaluation.
 
-Each process reads its own part of a split (``tfds.split_for_jax_process``) and yields
-numpy batches of ``global_batch_size // process_count`` examples; the trainer assembles
-them into global arrays. All randomness is stateless and derived from ``seed``, the
-process index and the example's position in the stream, so a pipeline is reproducible.
+Training: one global stream of examples is defined by ``seed`` alone, and process ``p``
+of ``P`` takes rows ``[p * B/P, (p + 1) * B/P)`` of each global batch of ``B``, so the
+global batches are the same whatever the process count. Evaluation: each process reads
+its own part of the split (``tfds.split_for_jax_process``). Batches are numpy arrays of
+``global_batch_size // process_count`` examples; the trainer assembles them into global
+arrays. All randomness is stateless and derived from ``seed`` and the example's position
+in the stream, so a pipeline is reproducible.
 """
 
 from __future__ import annotations
@@ -199,26 +202,28 @@ def train_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> tf.data.Dataset:
-    """The infinite training stream of this process as a tf.data.Dataset (see train_iterator).
+    """This process's part of the infinite training stream as a tf.data.Dataset (see
+    train_iterator).
 
-    The stream is a sequence of epochs, epoch ``e`` being this process's examples in
-    file order shuffled with a buffer seeded by ``(seed, e)``; example ``n`` of the stream
-    is augmented with randomness keyed by ``n``. So the batches from ``start_step`` on are
-    exactly those an uninterrupted run sees, and resuming costs reading (not decoding) at
-    most one epoch of records.
+    The global stream is a sequence of epochs, epoch ``e`` being the split in file order
+    shuffled with a buffer seeded by ``(seed, e)``; example ``n`` of the stream is
+    augmented with randomness keyed by ``n``, and this process keeps the examples at its
+    rows of each global batch (it reads every record but decodes only its own). So the
+    batches from ``start_step`` on are exactly those an uninterrupted run sees, with any
+    process count, and resuming costs reading (not decoding) at most one epoch of records.
+    Mixup/CutMix pair examples within the local batch, so only they depend on the count.
     """
     index, count = _process(process_index, process_count)
     local_batch = _local_batch_size(global_batch_size, count)
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
     builder = get_builder(cfg)
-    split = tfds.split_for_jax_process(cfg.train_split, process_index=index, process_count=count)
-    per_epoch = builder.info.splits[split].num_examples
-    key = tf.constant([seed, index], tf.int64)
+    per_epoch = builder.info.splits[cfg.train_split].num_examples
+    key = tf.constant([seed, 0], tf.int64)
     example_key = tf.random.experimental.stateless_fold_in(key, 0)
     batch_key = tf.random.experimental.stateless_fold_in(key, 1)
 
-    epoch_ds = _read(builder, split, shuffle_seed=None)
+    epoch_ds = _read(builder, cfg.train_split, shuffle_seed=None)
     if cfg.cache:
         epoch_ds = epoch_ds.map(
             lambda im, lb: (preprocess.decode_image(im), lb), _AUTOTUNE
@@ -228,9 +233,11 @@ def train_dataset(
         shuffled = epoch_ds.shuffle(cfg.shuffle_buffer, seed=seed * 1_000_003 + e)
         return shuffled.enumerate(start=e * per_epoch)
 
-    first_example = start_step * local_batch
+    first_example = start_step * global_batch_size
     ds = tf.data.Dataset.range(first_example // per_epoch, 2**62).flat_map(epoch)
     ds = ds.skip(first_example % per_epoch)
+    if count > 1:
+        ds = ds.filter(lambda i, ex: (i % global_batch_size) // local_batch == index)
     example_fn = functools.partial(_train_example, cfg, example_key, cfg.cache)
     ds = ds.map(lambda i, ex: example_fn(i, *ex), num_parallel_calls=_AUTOTUNE)
     ds = ds.batch(local_batch, drop_remainder=True)
