@@ -6,3 +6,40 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+# Shared reference helpers (import as ``from conftest import softmax, count_scalars``).
+def softmax(logits):
+    """Numerically stable softmax over the last axis, in numpy (brute-force references)."""
+    import numpy as np
+
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def count_scalars(tree) -> int:
+    """Number of scalars in a tree of arrays or ``jax.ShapeDtypeStruct`` s."""
+    import jax
+    import numpy as np
+
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def config_module(name: str):
+    """``configs/<name>.py`` loaded by path, as ``--config=`` loads it."""
+    import importlib.util
+
+    path = os.path.join(CONFIG_DIR, f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config(name: str, arg: str = ""):
+    """``--config=configs/<name>.py:<arg>`` as a ConfigDict (import as ``from conftest
+    import load_config``)."""
+    return config_module(name).get_config(arg)

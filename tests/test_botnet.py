@@ -91,7 +91,7 @@ def test_s1_layout():
     params = jax.eval_shape(lambda: get_model("botnet_s1_t3").init(
         jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)), train=False))["params"]
     for name, block in params["stage4"].items():
-        assert block["spatial"]["position"]["rel_height"].shape == (27, 128), name
+        assert block["spatial"]["attn"]["position"]["rel_height"].shape == (27, 128), name
         assert "se" not in block
     assert all("se" in b and "conv2" in b for s in ("stage1", "stage2", "stage3")
                for b in params[s].values())
@@ -107,9 +107,9 @@ def test_ablation_switches():
     c4c5 = params(attention_stages=(2, 3))
     assert all("spatial" in b for b in c4c5["stage3"].values())
     assert all("conv2" in b for b in params()["stage3"].values())
-    assert set(params(position="absolute")["stage4"]["block1"]["spatial"]["position"]) == {
-        "abs_height", "abs_width"}
-    assert set(params(position="none")["stage4"]["block1"]["spatial"]) == {"attention"}
+    absolute = params(position="absolute")["stage4"]["block1"]["spatial"]["attn"]
+    assert set(absolute["position"]) == {"abs_height", "abs_width"}
+    assert set(params(position="none")["stage4"]["block1"]["spatial"]["attn"]) == {"qkv"}
     assert "nonlocal" in params(non_local_stages=(2,))["stage3"]
     with pytest.raises(ValueError, match="Unknown position"):
         params(position="rel")
@@ -121,14 +121,16 @@ def test_input_size_mismatch_and_resize():
     x = jnp.zeros((1, 64, 64, 3))
     variables = random_variables(model, x)
     new = jnp.zeros((1, 96, 64, 3))
-    with pytest.raises(ValueError, match=r"stage4/block0/spatial/position/rel_height has 7 rows"
-                                         r".*height 4.*6x4 map \(11 rows\)"):
+    with pytest.raises(ValueError, match=r"stage4/block0/spatial/attn/position/rel_height has "
+                                         r"shape \(7, 16\) but the 6x4 feature map of this "
+                                         r"input needs \(11, 16\).*resize_position_tables"):
         jax.eval_shape(functools.partial(model.apply, train=False), variables, new)
     resized = dict(variables, params=resize_position_tables(variables["params"], model, new.shape))
-    pos = resized["params"]["stage4"]["block0"]["spatial"]["position"]
+    pos = resized["params"]["stage4"]["block0"]["spatial"]["attn"]["position"]
     assert pos["rel_height"].shape == (11, 16) and pos["rel_width"].shape == (7, 16)
-    assert resized["params"]["stage4"]["block1"]["spatial"]["position"]["rel_height"].shape[0] == 5
-    old = variables["params"]["stage4"]["block0"]["spatial"]["position"]["rel_width"]
+    block1 = resized["params"]["stage4"]["block1"]["spatial"]["attn"]
+    assert block1["position"]["rel_height"].shape[0] == 5
+    old = variables["params"]["stage4"]["block0"]["spatial"]["attn"]["position"]["rel_width"]
     np.testing.assert_array_equal(pos["rel_width"], old)  # unchanged axis kept exactly
     np.testing.assert_array_equal(resized["params"]["head"]["kernel"],
                                   variables["params"]["head"]["kernel"])

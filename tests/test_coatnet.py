@@ -11,6 +11,7 @@ import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import count_scalars
 
 from hybrid_attn.convert import timm_coatnet
 from hybrid_attn.convert.timm import convert_timm
@@ -32,14 +33,10 @@ def _shapes(model, image_shape=IMAGE_224):
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(image_shape), train=False))
 
 
-def _count(tree) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
-
-
 @pytest.mark.parametrize("name", sorted(PARAMS))
 def test_parameter_counts_match_timm_and_the_paper(name):
     exact, paper_millions = PARAMS[name]
-    n = _count(_shapes(get_model(name))["params"])
+    n = count_scalars(_shapes(get_model(name))["params"])
     assert n == exact
     assert abs(n / 1e6 - paper_millions) / paper_millions < 0.01
 
@@ -69,7 +66,7 @@ def test_stride_location_sets_flops_not_parameters():
     for stride_at in ("expand", "depthwise"):
         model = get_model("coatnet_0", stride_at=stride_at)
         variables = _shapes(model)
-        counts[stride_at] = _count(variables)
+        counts[stride_at] = count_scalars(variables)
         jaxpr = jax.make_jaxpr(lambda v, x, m=model: m.apply(v, x, train=False))(
             variables, jax.ShapeDtypeStruct(IMAGE_224, jnp.float32))
         macs[stride_at] = _macs(jaxpr.jaxpr)

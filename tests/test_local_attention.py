@@ -6,17 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import softmax
 
-from hybrid_attn.models.layers.attention import MultiHeadAttention
-from hybrid_attn.models.layers.local_attention import LocalSelfAttention, blocked_attention
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
+from hybrid_attn.models.layers.attention import Attention
+from hybrid_attn.models.layers.attention_kernels import BlockLayout, blocked_attention
+from hybrid_attn.models.layers.local_attention import LocalSelfAttention
 
 
-def _layer_params(layer: LocalSelfAttention, x: np.ndarray, seed: int = 0) -> dict:
+def _layer_params(layer: Attention, x: np.ndarray, seed: int = 0) -> dict:
     """Random params of the layer's shapes (``eval_shape``: no init compile), unit-scale
     relative tables so that the position term visibly matters."""
     shapes = jax.eval_shape(layer.init, jax.random.key(0), x)["params"]
@@ -24,12 +21,12 @@ def _layer_params(layer: LocalSelfAttention, x: np.ndarray, seed: int = 0) -> di
     return {
         "qkv": {"kernel": rng.normal(size=shapes["qkv"]["kernel"].shape).astype(np.float32)
                 / np.sqrt(x.shape[-1])},
-        "rel_row": rng.normal(size=shapes["rel_row"].shape).astype(np.float32),
-        "rel_col": rng.normal(size=shapes["rel_col"].shape).astype(np.float32),
+        "position": {name: rng.normal(size=shapes["position"][name].shape).astype(np.float32)
+                     for name in ("rel_row", "rel_col")},
     }
 
 
-def _apply(layer: LocalSelfAttention, params: dict, x: np.ndarray) -> np.ndarray:
+def _apply(layer: Attention, params: dict, x: np.ndarray) -> np.ndarray:
     """Jitted apply: one compile is much cheaper than op-by-op dispatch of the loop."""
     return np.asarray(jax.jit(layer.apply)({"params": params}, x))
 
@@ -47,8 +44,8 @@ def brute_force_local_attention(
     """
     b, h, w, c = x.shape
     kernel = np.asarray(params["qkv"]["kernel"], np.float64)
-    rel_row = np.asarray(params["rel_row"], np.float64)
-    rel_col = np.asarray(params["rel_col"], np.float64)
+    rel_row = np.asarray(params["position"]["rel_row"], np.float64)
+    rel_col = np.asarray(params["position"]["rel_col"], np.float64)
     features = kernel.shape[1] // 3
     d = features // heads
     r = kernel_size // 2
@@ -70,7 +67,7 @@ def brute_force_local_attention(
                         logit = (qij * k[:, a, bb]).sum(-1) / np.sqrt(d) + qij @ rel
                     logits.append(logit)
                     values.append(v[:, a, bb])
-            weights = _softmax(np.stack(logits, -1))  # [B, heads, keys]
+            weights = softmax(np.stack(logits, -1))  # [B, heads, keys]
             out[:, i, j] = np.einsum("bhn,nbhd->bhd", weights, np.stack(values))
     return out.reshape(b, h, w, features)
 
@@ -123,9 +120,8 @@ def test_whole_map_window_without_embeddings_is_global_attention():
     x = np.random.default_rng(2).normal(size=(2, 4, 6, 8)).astype(np.float32)
     layer = LocalSelfAttention(8, num_heads=2, kernel_size=11, block_size=2)
     params = _layer_params(layer, x)
-    params["rel_row"] = jnp.zeros_like(params["rel_row"])
-    params["rel_col"] = jnp.zeros_like(params["rel_col"])
-    mha = MultiHeadAttention(num_heads=2, head_dim=4, qkv_bias=False)
+    params["position"] = jax.tree_util.tree_map(jnp.zeros_like, params["position"])
+    mha = Attention(num_heads=2, qkv_bias=False)
     global_ = jax.jit(mha.apply)({"params": {"qkv": params["qkv"]}}, x)
     np.testing.assert_allclose(_apply(layer, params, x), np.asarray(global_), atol=1e-5)
 
@@ -134,13 +130,14 @@ def test_blocked_attention_without_halo_is_window_attention():
     """halo=0: each (padded) 3x4 window attends only within itself; padded keys masked."""
     rng = np.random.default_rng(3)
     q, k, v = (rng.normal(size=(1, 5, 7, 2, 4)).astype(np.float32) for _ in range(3))
-    got = np.asarray(jax.jit(blocked_attention, static_argnames="block")(q, k, v, block=(3, 4)))
+    layout = BlockLayout.make((5, 7), (3, 4))
+    got = np.asarray(jax.jit(lambda q, k, v: blocked_attention(q, k, v, layout)[0])(q, k, v))
     want = np.zeros_like(got)
     for r0 in range(0, 5, 3):
         for c0 in range(0, 7, 4):
             win = (slice(None), slice(r0, r0 + 3), slice(c0, c0 + 4))
             qw, kw, vw = (t[win].reshape(1, -1, 2, 4) for t in (q, k, v))
-            weights = _softmax(np.einsum("bqhd,bkhd->bhqk", qw, kw) / 2.0)
+            weights = softmax(np.einsum("bqhd,bkhd->bhqk", qw, kw) / 2.0)
             out = np.einsum("bhqk,bkhd->bqhd", weights, vw)
             want[win] = out.reshape(want[win].shape)
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -151,10 +148,10 @@ def test_halo_covering_the_map_is_global_attention():
     keys (the halo's out-of-image keys are masked, not zero tokens)."""
     rng = np.random.default_rng(6)
     q, k, v = (rng.normal(size=(1, 5, 7, 2, 4)).astype(np.float32) for _ in range(3))
-    run = jax.jit(blocked_attention, static_argnames=("block", "halo"))
-    got = np.asarray(run(q, k, v, block=(2, 3), halo=(4, 6)))
+    layout = BlockLayout.make((5, 7), (2, 3), (4, 6))
+    got = np.asarray(jax.jit(lambda q, k, v: blocked_attention(q, k, v, layout)[0])(q, k, v))
     flat = [t.reshape(1, 35, 2, 4) for t in (q, k, v)]
-    weights = _softmax(np.einsum("bqhd,bkhd->bhqk", flat[0], flat[1]) / 2.0)
+    weights = softmax(np.einsum("bqhd,bkhd->bhqk", flat[0], flat[1]) / 2.0)
     want = np.einsum("bhqk,bkhd->bqhd", weights, flat[2]).reshape(got.shape)
     np.testing.assert_allclose(got, want, atol=1e-5)
 
@@ -166,7 +163,8 @@ def test_row_chunks_do_not_change_gradients():
     loss = lambda layer: jax.jit(jax.grad(
         lambda p: jnp.sum(jnp.sin(layer.apply({"params": p}, x)))
     ))(params)
-    got, want = loss(chunked), loss(chunked.clone(row_chunk=None))
+    got = loss(chunked)
+    want = loss(LocalSelfAttention(8, num_heads=2, kernel_size=3, block_size=2, row_chunk=None))
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
 
@@ -187,7 +185,7 @@ def test_temporary_memory_is_bounded():
     x = jax.ShapeDtypeStruct((8, 56, 56, 64), jnp.float32)
     map_bytes = 8 * 56 * 56 * 64 * 4
 
-    def temp_bytes(layer: LocalSelfAttention) -> int:
+    def temp_bytes(layer: Attention) -> int:
         params = jax.eval_shape(layer.init, jax.random.key(0), x)
         compiled = jax.jit(layer.apply).lower(params, x).compile()
         return compiled.memory_analysis().temp_size_in_bytes
@@ -201,12 +199,12 @@ def test_temporary_memory_is_bounded():
     "kwargs, shape, match",
     [
         ({"kernel_size": 4}, (1, 8, 8, 8), "odd"),
-        ({"num_heads": 3}, (1, 8, 8, 8), "heads of even size"),
-        ({"num_heads": 8}, (1, 8, 8, 8), "heads of even size"),
+        ({"num_heads": 3}, (1, 8, 8, 8), "8 channels cannot be split into heads of 3"),
+        ({"num_heads": 8}, (1, 8, 8, 8), "head dimension 1 is odd"),
         ({}, (8, 8, 8), "NHWC"),
     ],
 )
 def test_invalid_configurations_raise(kwargs, shape, match):
-    layer = LocalSelfAttention(8, **{"num_heads": 2, **kwargs})
     with pytest.raises(ValueError, match=match):
+        layer = LocalSelfAttention(8, **{"num_heads": 2, **kwargs})
         jax.eval_shape(layer.init, jax.random.key(0), jnp.zeros(shape))

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 
 from hybrid_attn.models import resize_position_tables
-from hybrid_attn.models.layers.attention import MultiHeadAttention
+from hybrid_attn.models.layers.attention import Attention
+from hybrid_attn.models.layers.position import Grid
 from hybrid_attn.models.layers.relative_bias import RelativeBias2D, resize_relative_bias
 
 H, W, HEADS, D, C = 3, 5, 3, 4, 6  # non-square, so swapped rows/columns cannot pass
 GOLDENS = pathlib.Path(__file__).parent / "goldens"
 
 
-def _attention() -> MultiHeadAttention:
-    return MultiHeadAttention(HEADS, D, out_features=None,
-                              position=RelativeBias2D(parent=None))
+def _attention() -> Attention:
+    return Attention(features=HEADS * D, num_heads=HEADS, position=RelativeBias2D)
 
 
 def _apply(params, x) -> np.ndarray:
@@ -69,7 +69,7 @@ def test_bias_term_matches_loops_and_table_gets_gradient():
     table = jnp.asarray(table, jnp.float32)
     q = jnp.zeros((1, H * W, HEADS, D))
     term = jax.jit(lambda t: RelativeBias2D().apply(
-        {"params": {"relative_bias_table": t}}, q, (H, W), (H, W)))
+        {"params": {"relative_bias_table": t}}, Grid((H, W), (H, W)), HEADS, D)(q))
     got = np.asarray(term(table))
     assert got.shape == (HEADS, H * W, H * W)
     for i in range(H * W):
@@ -98,8 +98,7 @@ def test_table_for_another_map_is_a_clear_error():
                                          r"this input needs \(7, 9, 3\).*resize_position_tables"):
         _attention().apply({"params": params}, jnp.zeros((1, 4, W, C)))
     with pytest.raises(ValueError, match=r"query map \(3, 5\) and key map \(5, 3\)"):
-        RelativeBias2D().init(jax.random.PRNGKey(0), jnp.zeros((1, H * W, HEADS, D)),
-                              (H, W), (W, H))
+        RelativeBias2D().init(jax.random.PRNGKey(0), Grid((H, W), (W, H)), HEADS, D)
 
 
 def test_resize_to_the_same_size_is_the_identity():

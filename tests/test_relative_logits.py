@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from hybrid_attn.models.botnet import BoTAttention
+from hybrid_attn.models.layers.position import Grid, relative_offsets
 from hybrid_attn.models.layers.relative_logits import (
     AbsoluteLogits2D,
     RelativeLogits2D,
@@ -23,7 +24,8 @@ def _queries(seed: int = 0) -> np.ndarray:
 
 
 def _apply(module, q: np.ndarray, tables: dict) -> np.ndarray:
-    return np.asarray(module.apply({"params": tables}, jnp.asarray(q), (H, W), (H, W)))
+    term = module.apply({"params": tables}, Grid((H, W), (H, W)), HEADS, D)
+    return np.asarray(term(jnp.asarray(q)))
 
 
 @pytest.mark.parametrize("scale_query", [True, False])
@@ -32,7 +34,7 @@ def test_relative_logits_match_brute_force(scale_query):
     rel_h = rng.standard_normal((2 * H - 1, D)).astype(np.float32)
     rel_w = rng.standard_normal((2 * W - 1, D)).astype(np.float32)
     q = _queries()
-    got = _apply(RelativeLogits2D(scale_query), q, {"rel_height": rel_h, "rel_width": rel_w})
+    got = _apply(RelativeLogits2D(scale_query=scale_query), q, {"rel_height": rel_h, "rel_width": rel_w})
     assert got.shape == (2, HEADS, H * W, H * W)
 
     qs = q * D**-0.5 if scale_query else q
@@ -53,7 +55,7 @@ def test_absolute_logits_match_brute_force():
     emb_h = rng.standard_normal((H, D)).astype(np.float32)
     emb_w = rng.standard_normal((W, D)).astype(np.float32)
     q = _queries()
-    got = _apply(AbsoluteLogits2D(False), q, {"abs_height": emb_h, "abs_width": emb_w})
+    got = _apply(AbsoluteLogits2D(scale_query=False), q, {"abs_height": emb_h, "abs_width": emb_w})
     want = np.zeros_like(got)
     for i in range(H * W):
         for j in range(H * W):
@@ -64,7 +66,7 @@ def test_absolute_logits_match_brute_force():
 
 def test_table_shapes_follow_the_traced_map():
     v = jax.eval_shape(lambda: RelativeLogits2D().init(
-        jax.random.PRNGKey(0), jnp.zeros((1, H * W, HEADS, D)), (H, W), (H, W)))
+        jax.random.PRNGKey(0), Grid((H, W), (H, W)), HEADS, D))
     assert v["params"]["rel_height"].shape == (2 * H - 1, D)
     assert v["params"]["rel_width"].shape == (2 * W - 1, D)
 
@@ -72,15 +74,24 @@ def test_table_shapes_follow_the_traced_map():
 def test_table_for_another_map_is_a_clear_error():
     params = {"params": {"rel_height": np.zeros((2 * H - 1, D)),
                          "rel_width": np.zeros((2 * W - 1, D))}}
-    with pytest.raises(ValueError, match=r"height 5, but this input gives a 7x7 map \(13 rows\)"):
-        RelativeLogits2D().apply(params, jnp.zeros((1, 49, HEADS, D)), (7, 7), (7, 7))
-    with pytest.raises(ValueError, match="self-attention"):
-        RelativeLogits2D().apply(params, jnp.zeros((1, H * W, HEADS, D)), (H, W), (W, H))
+    with pytest.raises(ValueError, match=r"rel_height has shape \(9, 4\) but the 7x7 feature "
+                                         r"map of this input needs \(13, 4\)"):
+        RelativeLogits2D().apply(params, Grid((7, 7), (7, 7)), HEADS, D)
+    with pytest.raises(ValueError, match="unstrided keys"):
+        RelativeLogits2D().apply(params, Grid((H, W), (3, 4), k_stride=(2, 2)), HEADS, D)
+
+
+def test_relative_offsets_are_key_minus_query():
+    """One sign for every family: key position - query position (here a 2-query block
+    against its 4 keys starting one pixel before it, and keys sub-sampled by 2)."""
+    np.testing.assert_array_equal(relative_offsets(2, 4, start=-1), [[-1, 0, 1, 2],
+                                                                     [-2, -1, 0, 1]])
+    np.testing.assert_array_equal(relative_offsets(3, 2, stride=2), [[0, 2], [-1, 1], [-2, 0]])
 
 
 def test_position_term_kinds():
-    assert isinstance(position_term("relative"), RelativeLogits2D)
-    assert isinstance(position_term("absolute"), AbsoluteLogits2D)
+    assert position_term("relative").func is RelativeLogits2D
+    assert position_term("absolute", scale_query=False).func is AbsoluteLogits2D
     assert position_term("none") is None
     with pytest.raises(ValueError, match="relative, absolute, none"):
         position_term("rel")
@@ -114,9 +125,9 @@ def test_content_only_attention_is_plain_mha_and_permutation_equivariant():
     x = np.random.default_rng(3).standard_normal((2, H, W, 8)).astype(np.float32)
     attn = BoTAttention(8, position="none")
     params = attn.init(jax.random.PRNGKey(0), x, train=False)
-    assert set(params["params"]) == {"attention"}
+    assert set(params["params"]) == {"attn"} and set(params["params"]["attn"]) == {"qkv"}
     out = np.asarray(attn.apply(params, x, train=False)).reshape(2, H * W, 8)
-    kernel = np.asarray(params["params"]["attention"]["qkv"]["kernel"])
+    kernel = np.asarray(params["params"]["attn"]["qkv"]["kernel"])
     np.testing.assert_allclose(out, _reference_mha(x.reshape(2, H * W, 8), kernel, 4),
                                rtol=1e-5, atol=1e-5)
 

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import count_scalars, softmax
 
 from hybrid_attn.models import get_model
 from hybrid_attn.models.layers.attention_stem import AttentionStem
@@ -18,10 +19,6 @@ from hybrid_attn.models.layers.local_attention import LocalSelfAttention
 from hybrid_attn.models.sasa import AttentionSpatial, SASAResNet
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _count(tree) -> int:
-    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def _shapes(model: nn.Module, shape: tuple[int, ...]) -> dict:
@@ -35,11 +32,6 @@ def _random_like(tree, seed: int, scale: float = 1.0):
     )
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
 # --- Attention stem -------------------------------------------------------------------
 
 
@@ -51,7 +43,7 @@ def brute_force_stem(x: np.ndarray, variables: dict, heads: int, window: int) ->
     stats = jax.tree_util.tree_map(lambda t: np.asarray(t, np.float64),
                                    variables["batch_stats"])
     b, h, w, c = x.shape
-    features = p["value"]["kernel"].shape[-1]
+    features = p["value"].shape[-1]
     d = features // heads
     out = np.zeros((b, h // window, w // window, features))
     for bi in range(h // window):
@@ -60,14 +52,15 @@ def brute_force_stem(x: np.ndarray, variables: dict, heads: int, window: int) ->
             for a in range(window):
                 for bb in range(window):
                     pix = x[:, bi * window + a, bj * window + bb]  # [B, C]
-                    mix = _softmax((p["emb_row"][a] + p["emb_col"][bb]) @ p["mixture"])
-                    w_v = sum(mix[m] * p["value"]["kernel"][m] for m in range(len(mix)))
+                    pos = p["position"]
+                    mix = softmax((pos["emb_row"][a] + pos["emb_col"][bb]) @ pos["mixture"])
+                    w_v = sum(mix[m] * p["value"][m] for m in range(len(mix)))
                     qk = pix @ p["qk"]["kernel"]
                     q.append(qk[:, :features].reshape(b, heads, d))
                     k.append(qk[:, features:].reshape(b, heads, d))
                     v.append((pix @ w_v).reshape(b, heads, d))
             q, k, v = np.stack(q, 1), np.stack(k, 1), np.stack(v, 1)  # [B, 16, heads, d]
-            weights = _softmax(np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d))
+            weights = softmax(np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d))
             y = np.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, -1, features)
             y = (y - stats["norm"]["mean"]) / np.sqrt(stats["norm"]["var"] + 1e-5)
             y = y * p["norm"]["scale"] + p["norm"]["bias"]
@@ -125,12 +118,12 @@ def test_parameter_counts_against_table1(depth):
     derived independently from the ResNet baseline: each block's 3x3 conv (9 w^2) becomes
     q/k/v (3 w^2) plus 2 relative tables of 7 x w/16."""
     # Parameter counts do not depend on the resolution: 32x32 traces faster than 224.
-    conv = _count(_shapes(get_model(f"sasa_resnet{depth}_convstem"), (1, 32, 32, 3))["params"])
-    attn = _count(_shapes(get_model(f"sasa_resnet{depth}"), (1, 32, 32, 3))["params"])
+    count = lambda name: count_scalars(_shapes(get_model(name), (1, 32, 32, 3))["params"])
+    conv, attn = count(f"sasa_resnet{depth}_convstem"), count(f"sasa_resnet{depth}")
     assert (conv, attn) == (CONV_STEM_COUNTS[depth], ATTENTION_STEM_COUNTS[depth])
     for n in (conv, attn):
         assert abs(n / 1e6 - TABLE1_MILLIONS[depth]) < 0.1
-    resnet = _count(_shapes(get_model(f"resnet{depth}"), (1, 32, 32, 3))["params"])
+    resnet = count_scalars(_shapes(get_model(f"resnet{depth}"), (1, 32, 32, 3))["params"])
     widths = [64 * 2**s for s, n in enumerate(BLOCKS[depth]) for _ in range(n)]
     assert conv == resnet - sum(6 * w * w - 7 * w // 8 for w in widths)
 
@@ -152,9 +145,10 @@ def test_every_spatial_convolution_is_attention():
             for i in range(n):
                 block = params[f"stage{s + 1}"][f"block{i}"]
                 assert "conv2" not in block and "qkv" in block["spatial"]["attn"]
-    assert set(shapes[""]["stem"]) == {"qk", "value", "emb_row", "emb_col", "mixture", "norm"}
-    # The value matrices are a ``kernel``, so weight decay (which decays kernels) sees them.
-    assert set(shapes[""]["stem"]["value"]) == {"kernel"}
+    assert set(shapes[""]["stem"]) == {"qk", "value", "position", "norm"}
+    # The embeddings are position tables (no weight decay); the value matrices are not.
+    assert set(shapes[""]["stem"]["position"]) == {"emb_row", "emb_col", "mixture"}
+    assert shapes[""]["stem"]["value"].shape == (4, 3, 16)
 
 
 def test_no_parameter_depends_on_the_resolution():

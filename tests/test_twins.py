@@ -13,15 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import softmax
 
 from hybrid_attn.convert.timm import convert_timm
 from hybrid_attn.models import get_model
+from hybrid_attn.models.layers.attention import Attention, Blocked, Subsampled
 from hybrid_attn.models.layers.position_encoding import PositionEncodingGenerator
 from hybrid_attn.models.layers.regularization import DropPath
-from hybrid_attn.models.layers.twins_attention import (
-    GlobalSubsampledAttention,
-    LocallyGroupedAttention,
-)
 from hybrid_attn.models.twins import Twins, TwinsBlock
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -84,14 +82,9 @@ def _run(fn, *args):
     return np.asarray(jax.jit(fn).lower(*args).compile(compiler_options=_FAST_COMPILE)(*args))
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     """One query ``[heads, d]`` over keys/values ``[n, heads, d]`` -> ``[heads, d]``."""
-    w = _softmax(np.einsum("hd,nhd->hn", q, k) / np.sqrt(q.shape[-1]))
+    w = softmax(np.einsum("hd,nhd->hn", q, k) / np.sqrt(q.shape[-1]))
     return np.einsum("hn,nhd->hd", w, v)
 
 
@@ -119,10 +112,9 @@ def test_stage_layout_one_peg_after_first_block(name, lsa):
         children = [m.name for m in calls if m.path[:-1] == (stage,)]
         expected = ["patch_embed", "block0", "peg"] + [f"block{i}" for i in range(1, depth)]
         assert children == expected
-        attn = [type(m) for m in calls if m.path[:1] == (stage,) and isinstance(
-            m, (LocallyGroupedAttention, GlobalSubsampledAttention))]
-        kinds = [LocallyGroupedAttention if lsa and i % 2 == 0 else GlobalSubsampledAttention
-                 for i in range(depth)]
+        attn = [type(m.pattern) for m in calls if m.path[:1] == (stage,)
+                and isinstance(m, Attention)]
+        kinds = [Blocked if lsa and i % 2 == 0 else Subsampled for i in range(depth)]
         assert attn == kinds
     params = _shapes(model)["params"]
     assert [sum(key == "peg" for key in params[f"stage{k + 1}"]) for k in range(4)] == [1] * 4
@@ -151,6 +143,12 @@ def test_too_small_or_malformed_input_raises():
 # ------------------------------------------------------------------ layer semantics
 
 
+def _lsa(mask_padding: bool = True) -> Attention:
+    """LSA as TwinsBlock builds it (window 7, 2 heads, 6 channels)."""
+    return Attention(num_heads=2, out_features=6,
+                     pattern=Blocked(7, padding="mask" if mask_padding else "zero_tokens"))
+
+
 def _brute_force_lsa(x: np.ndarray, p: dict, heads: int, ws: int) -> np.ndarray:
     """Attention of each pixel over the pixels of its ``ws x ws`` window, by loops."""
     b, h, w, c = x.shape
@@ -172,7 +170,7 @@ def _brute_force_lsa(x: np.ndarray, p: dict, heads: int, ws: int) -> np.ndarray:
 def test_lsa_masked_equals_brute_force_windows(hw):
     """12x9 with window 7: windows of 7x7, 7x2, 5x7, 5x2 real pixels; 5x9: side < window."""
     x = np.random.default_rng(0).normal(size=(2, *hw, 6))
-    lsa = LocallyGroupedAttention(num_heads=2, window_size=7)
+    lsa = _lsa()
     p = _init(lsa, x)
     got = lsa.apply({"params": p}, jnp.asarray(x, jnp.float32))
     np.testing.assert_allclose(got, _brute_force_lsa(x, p, 2, 7), atol=1e-5)
@@ -181,13 +179,13 @@ def test_lsa_masked_equals_brute_force_windows(hw):
 def test_lsa_published_padding_equals_brute_force_on_zero_padded_tokens():
     """``mask_padding=False``: zero tokens appended before ``qkv`` join every window."""
     x = np.random.default_rng(1).normal(size=(2, 12, 9, 6))
-    lsa = LocallyGroupedAttention(num_heads=2, window_size=7, mask_padding=False)
+    lsa = _lsa(mask_padding=False)
     p = _init(lsa, x)
     got = lsa.apply({"params": p}, jnp.asarray(x, jnp.float32))
     padded = np.pad(x, ((0, 0), (0, 2), (0, 5), (0, 0)))
     want = _brute_force_lsa(padded, p, 2, 7)[:, :12, :9]
     np.testing.assert_allclose(got, want, atol=1e-5)
-    masked = LocallyGroupedAttention(num_heads=2, window_size=7).apply(
+    masked = _lsa().apply(
         {"params": p}, jnp.asarray(x, jnp.float32))
     assert np.abs(np.asarray(masked) - want).max() > 1e-2
 
@@ -197,7 +195,7 @@ def test_gsa_equals_brute_force_global_attention(sr):
     """sr = 1 is global self-attention; sr = 2 attends to the 2x2-conv + LayerNorm map
     (5x7 -> 2x3 keys, remainders dropped like the published conv)."""
     x = np.random.default_rng(2).normal(size=(2, 5, 7, 6))
-    gsa = GlobalSubsampledAttention(num_heads=3, sr_ratio=sr)
+    gsa = Attention(num_heads=3, out_features=6, pattern=Subsampled(sr))
     p = _init(gsa, x)
     assert set(p) == ({"q", "kv", "proj"} | ({"sr", "norm"} if sr > 1 else set()))
     got = gsa.apply({"params": p}, jnp.asarray(x, jnp.float32))

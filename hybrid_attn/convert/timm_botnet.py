@@ -9,7 +9,8 @@ rejected (unused or missing tensors are named).
 
 timm's ``BottleneckAttn`` defaults to ``scale_pos_embed=False`` (position logits from the
 unscaled query); build the model with ``scale_position_query=False`` for such weights --
-the flag is not stored in the state dict.
+the flag is not stored in the state dict. Names: ``self_attn.qkv`` -> ``spatial/attn/qkv``,
+``self_attn.pos_embed.{height,width}_rel`` -> ``spatial/attn/position/rel_{height,width}``.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ def convert_block(sd: Mapping, prefix: str) -> tuple[dict, dict]:
     put_bn(p, st, "bn1", sd, f"{prefix}conv1_1x1.bn")
     if f"{prefix}self_attn.qkv.weight" in sd:
         attn = f"{prefix}self_attn."
-        p["spatial"] = {"attention": {"qkv": common.dense(sd, f"{attn}qkv")}}
+        p["spatial"] = {"attn": {"qkv": common.dense(sd, f"{attn}qkv")}}
         if f"{attn}pos_embed.height_rel" in sd:
-            p["spatial"]["position"] = {
+            p["spatial"]["attn"]["position"] = {
                 "rel_height": common.to_numpy(sd[f"{attn}pos_embed.height_rel"]),
                 "rel_width": common.to_numpy(sd[f"{attn}pos_embed.width_rel"]),
             }

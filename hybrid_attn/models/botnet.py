@@ -29,22 +29,21 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import ClassVar
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 
-from hybrid_attn.models.layers.attention import MultiHeadAttention
-from hybrid_attn.models.layers.pooling import avg_pool2
+from hybrid_attn.models.layers.attention import Attention, StridedAttention
 from hybrid_attn.models.layers.relative_logits import POSITION_KINDS, position_term
-from hybrid_attn.models.resnet import Dtype, ResNet, SpatialFactory
+from hybrid_attn.models.resnet import ResNet, SpatialFactory
 
 
-class BoTAttention(nn.Module):
-    """The BoT block's spatial op: MHSA over the whole map, then 2x2 avg pool if strided.
+class BoTAttention(StridedAttention):
+    """The BoT block's spatial op: MHSA over the whole map (``attn``), then 2x2 avg pool if
+    strided (even maps only, like timm's pooling).
 
     Attributes:
-      features: input = output width (the bottleneck width); ``head_dim = features /
+      features: q/k/v = output width (the bottleneck width); ``head_dim = features /
         num_heads``.
       strides: 1, or 2 for attention followed by 2x2 average pooling.
       num_heads: 4 in the paper.
@@ -53,33 +52,17 @@ class BoTAttention(nn.Module):
         authors' code) rather than the unscaled ``q`` (timm's default).
     """
 
-    features: int
-    strides: int = 1
     num_heads: int = 4
     position: str = "relative"
     scale_position_query: bool = True
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    even_maps_only: ClassVar[bool] = True
 
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        if self.features % self.num_heads:
-            raise ValueError(f"features {self.features} not divisible by {self.num_heads} heads")
-        if x.shape[-1] != self.features:
-            raise ValueError(f"BoTAttention expects {self.features} channels, got {x.shape}")
-        if self.strides not in (1, 2):
-            raise ValueError(f"BoTAttention strides must be 1 or 2, got {self.strides}")
-        if self.strides == 2 and (x.shape[1] % 2 or x.shape[2] % 2):
-            raise ValueError(f"2x2 pooling needs an even feature map, got {x.shape[1:3]}")
-        term = position_term(self.position, scale_query=self.scale_position_query,
-                             dtype=self.dtype, param_dtype=self.param_dtype)
-        y = MultiHeadAttention(
-            self.num_heads, self.features // self.num_heads, out_features=None, qkv_bias=False,
-            position=term, dtype=self.dtype, param_dtype=self.param_dtype, name="attention",
-        )(x, train=train)
-        if self.strides == 2:
-            y = avg_pool2(y)
-        return y
+    def attention(self) -> Attention:
+        return Attention(
+            features=self.features, num_heads=self.num_heads, qkv_bias=False, dtype=self.dtype,
+            position=position_term(self.position, scale_query=self.scale_position_query),
+            param_dtype=self.param_dtype, name="attn",
+        )
 
 
 class BoTNet(ResNet):

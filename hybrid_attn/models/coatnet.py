@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hybrid_attn.models.layers.attention import MultiHeadAttention
+from hybrid_attn.models.layers.attention import Attention
 from hybrid_attn.models.layers.mbconv import ConvStem, MBConv, StrideAt
 from hybrid_attn.models.layers.mlp import Mlp
 from hybrid_attn.models.layers.pooling import avg_pool2
@@ -76,21 +76,15 @@ class TransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        if self.features % self.head_dim:
-            raise ValueError(
-                f"Transformer width {self.features} is not a multiple of head_dim {self.head_dim}"
-            )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         y = layer_norm(self.dtype, self.param_dtype, "norm1")(x)
         if self.strides == 2:
             x, y = avg_pool2(x), avg_pool2(y)
         if x.shape[-1] != self.features:
             x = nn.Dense(self.features, name="shortcut", **kw)(x)
-        y = MultiHeadAttention(
-            num_heads=self.features // self.head_dim, head_dim=self.head_dim,
-            out_features=self.features, name="attn", **kw,
-            position=RelativeBias2D(param_dtype=self.param_dtype, parent=None),
-        )(y, train=train)
+        y = Attention(features=self.features, head_dim=self.head_dim,
+                      out_features=self.features, position=RelativeBias2D, name="attn", **kw,
+                      )(y, train=train)
         x = x + DropPath(self.drop_path)(y, train=train)
         y = layer_norm(self.dtype, self.param_dtype, "norm2")(x)
         y = Mlp(int(self.features * self.mlp_ratio), name="mlp", **kw)(y, train=train)

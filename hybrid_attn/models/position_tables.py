@@ -4,7 +4,10 @@ Tables sized from the feature map (CoAtNet's relative bias, BoTNet's relative/ab
 logits) change shape with the input resolution; weights trained at one resolution are
 resampled before use at another (e.g. 224 -> 384 fine-tuning). The target sizes come from
 ``jax.eval_shape`` of the model at the new input, so each block gets its own map size and
-no compute is spent. Each table kind is resampled by its own layer's function.
+no compute is spent. Each table is resampled as the
+:class:`~hybrid_attn.models.layers.position.PositionTable` subclass that owns it declares
+(its ``resize`` classmethod); the owner of every parameter is found by recording which
+module class runs at which path during that ``eval_shape``.
 """
 
 from __future__ import annotations
@@ -16,20 +19,24 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from hybrid_attn.models.layers import relative_bias, relative_logits
+from hybrid_attn.models.layers.position import PositionTable
 
 
-def _resize_leaf(path: tuple[str, ...], leaf, target_shape: tuple[int, ...]):
-    name = path[-1]
-    if name == relative_bias.TABLE_NAME:
-        rows, cols, _ = target_shape
-        return relative_bias.resize_relative_bias(leaf, ((rows + 1) // 2, (cols + 1) // 2))
-    if name in relative_logits.TABLE_NAMES:
-        return relative_logits.resize_table(leaf, target_shape[0])
-    raise ValueError(
-        f"params/{'/'.join(path)} has shape {tuple(leaf.shape)} but the model at this input "
-        f"needs {target_shape}, and it is not a position table that can be resized"
-    )
+def _shapes_and_owners(
+    model: nn.Module, input_shape: Sequence[int]
+) -> tuple[dict, dict[tuple[str, ...], type[nn.Module]]]:
+    """The model's params (shapes only) at ``input_shape`` and ``{module path: class}``."""
+    owners: dict[tuple[str, ...], type[nn.Module]] = {}
+
+    def record(next_fun, args, kwargs, context):
+        owners[tuple(context.module.path)] = type(context.module)
+        return next_fun(*args, **kwargs)
+
+    def init():
+        with nn.intercept_methods(record):
+            return model.init(jax.random.PRNGKey(0), jnp.zeros(input_shape), train=False)
+
+    return jax.eval_shape(init)["params"], owners
 
 
 def resize_position_tables(
@@ -41,12 +48,18 @@ def resize_position_tables(
     Raises:
       ValueError: if a leaf that is not a position table does not fit the model.
     """
-    target = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(input_shape), train=False)
-    )["params"]
+    target, owners = _shapes_and_owners(model, input_shape)
     target_flat = traverse_util.flatten_dict(target)
     flat = traverse_util.flatten_dict(params)
     for path, leaf in flat.items():
-        if path in target_flat and tuple(leaf.shape) != tuple(target_flat[path].shape):
-            flat[path] = _resize_leaf(path, leaf, tuple(target_flat[path].shape))
+        if path not in target_flat or tuple(leaf.shape) == tuple(target_flat[path].shape):
+            continue
+        shape = tuple(target_flat[path].shape)
+        owner = owners.get(path[:-1])
+        if owner is None or not issubclass(owner, PositionTable):
+            raise ValueError(
+                f"params/{'/'.join(path)} has shape {tuple(leaf.shape)} but the model at this "
+                f"input needs {shape}, and it is not a position table that can be resized"
+            )
+        flat[path] = owner.resize(path[-1], leaf, shape)
     return traverse_util.unflatten_dict(flat)

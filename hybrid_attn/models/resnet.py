@@ -1,15 +1,20 @@
 """Bottleneck ResNets (He et al. 2016), the baseline every hybrid family is measured against.
 
-The network is written once with two extension points, so BoTNet and SASA are ResNets
-with some spatial operations swapped rather than copies:
+The network is written once with one extension mechanism, methods that a subclass
+overrides, so BoTNet, SASA and the non-local baseline are ResNets with some operations
+swapped rather than copies:
 
-* ``stem``: a factory ``stem(name="stem")`` returning a module called as ``m(x, train=)``;
-  None is the standard 7x7/2 conv + BN + ReLU + 3x3/2 max pool (:class:`ConvStem`).
-* ``spatial(stage_index, block_index)``: picks each bottleneck's spatial operation. It
-  returns None (the 3x3 conv carrying the stride) or a :data:`SpatialFactory`, called as
-  ``factory(features=..., strides=..., name="spatial")`` and returning a module called as
-  ``m(x, train=)`` that maps ``[B, H, W, features]`` to ``[B, H/strides, W/strides,
-  features]`` (attention replacements attend, then 2x2 average pool when ``strides=2``).
+* :meth:`ResNet.stem_factory`: the stem, a factory ``stem(name="stem")`` returning a module
+  called as ``m(x, train=)``; the standard 7x7/2 conv + BN + ReLU + 3x3/2 max pool
+  (:class:`ConvStem`) unless overridden (SASA's attention stem).
+* :meth:`ResNet.block_spatial`: each bottleneck's spatial operation: None (the 3x3 conv
+  carrying the stride) or a :data:`SpatialFactory`, called as ``factory(features=...,
+  strides=..., name="spatial")`` and returning a module called as ``m(x, train=)`` that
+  maps ``[B, H, W, features]`` to ``[B, H/strides, W/strides, features]`` (BoTNet's and
+  SASA's attention, :class:`~hybrid_attn.models.layers.attention.StridedAttention`).
+* :meth:`ResNet.pre_block`: an optional ``(name, factory)`` of a module inserted before a
+  block; the base class inserts the non-local block (``nonlocal``) before the last block of
+  each of ``non_local_stages`` (Wang et al. 2018's single-block placement).
 
 ``stage_index`` counts from 0 (``stage_sizes[0]``, the paper's c2, parameters ``stage1``)
 and ``block_index`` from 0 within the stage. Parameter names are ``stem``,
@@ -36,7 +41,6 @@ Dtype = Any
 Activation = Callable[[jax.Array], jax.Array]
 SpatialFactory = Callable[..., nn.Module]
 StemFactory = Callable[..., nn.Module]
-SpatialChooser = Callable[[int, int], SpatialFactory | None]
 
 
 def conv(
@@ -122,30 +126,26 @@ class BottleneckBlock(nn.Module):
 
 
 class ResNetStage(nn.Module):
-    """One stage (c2..c5): one bottleneck per entry of ``spatial``, the first strided.
-
-    ``non_local`` inserts a :class:`NonLocalBlock` (``nonlocal``) right before the last
-    block, Wang et al. 2018's single-block placement.
-    """
+    """One stage (c2..c5): one bottleneck per entry of ``spatial``, the first strided, each
+    preceded by its entry of ``pre_blocks`` (``(name, factory)`` or None)."""
 
     spatial: Sequence[SpatialFactory | None]
     features: int
     strides: int
+    pre_blocks: Sequence[tuple[str, Callable[..., nn.Module]] | None] = ()
     se_ratio: float = 0.0
     se_in_spatial_blocks: bool = True
     activation: Activation = nn.relu
     drop_path_rates: Sequence[float] = ()
-    non_local: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        n = len(self.spatial)
         for i, factory in enumerate(self.spatial):
-            if self.non_local and i == n - 1:
-                x = NonLocalBlock(dtype=self.dtype, param_dtype=self.param_dtype,
-                                  name="nonlocal")(x, train=train)
+            if self.pre_blocks and self.pre_blocks[i] is not None:
+                name, pre = self.pre_blocks[i]
+                x = pre(name=name)(x, train=train)
             se = self.se_ratio if factory is None or self.se_in_spatial_blocks else 0.0
             x = BottleneckBlock(
                 self.features, self.strides if i == 0 else 1, factory, se, self.activation,
@@ -156,14 +156,14 @@ class ResNetStage(nn.Module):
 
 
 class ResNet(nn.Module):
-    """A bottleneck ResNet with pluggable stem and per-block spatial operations.
+    """A bottleneck ResNet; subclasses swap the stem, spatial ops or inserted blocks by
+    overriding :meth:`stem_factory`, :meth:`block_spatial` and :meth:`pre_block`.
 
     Attributes:
       stage_sizes: blocks per stage (c2..c5), e.g. ``(3, 4, 6, 3)`` for ResNet-50.
       num_classes: classifier width; 0 returns the pooled features instead of logits.
-      width: bottleneck width of the first stage (doubled per stage; the stem outputs it).
-      stem: None for :class:`ConvStem`, else a factory called as ``stem(name="stem")``.
-      spatial: ``spatial(stage_index, block_index) -> SpatialFactory | None``.
+      width: bottleneck width of the first stage (doubled per stage).
+      stem_width: channels of the conv stem; None for ``width`` (timm's stem is always 64).
       se_ratio: squeeze-excitation ratio of the expanded width (0 disables).
       se_in_spatial_blocks: whether blocks with a replaced spatial op get SE too.
       activation: nonlinearity everywhere (ReLU; SiLU for BoTNet-S1).
@@ -175,8 +175,7 @@ class ResNet(nn.Module):
     stage_sizes: Sequence[int]
     num_classes: int = 1000
     width: int = 64
-    stem: StemFactory | None = None
-    spatial: SpatialChooser | None = None
+    stem_width: int | None = None
     se_ratio: float = 0.0
     se_in_spatial_blocks: bool = True
     activation: Activation = nn.relu
@@ -191,19 +190,15 @@ class ResNet(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"ResNet expects NHWC images, got shape {x.shape}")
         x = x.astype(self.dtype)
-        stem = self.stem_factory()
-        if stem is None:
-            x = ConvStem(self.width, self.activation, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name="stem")(x, train=train)
-        else:
-            x = stem(name="stem")(x, train=train)
+        x = self.stem_factory()(name="stem")(x, train=train)
         rates = drop_path_rates(self.drop_path_rate, list(self.stage_sizes))
         last = len(self.stage_sizes) - 1
         for s, n in enumerate(self.stage_sizes):
             x = ResNetStage(
                 tuple(self.block_spatial(s, i) for i in range(n)), self.width * 2**s,
-                1 if s == 0 else (self.last_stride if s == last else 2), self.se_ratio,
-                self.se_in_spatial_blocks, self.activation, rates[s], s in self.non_local_stages,
+                1 if s == 0 else (self.last_stride if s == last else 2),
+                tuple(self.pre_block(s, i) for i in range(n)), self.se_ratio,
+                self.se_in_spatial_blocks, self.activation, rates[s],
                 dtype=self.dtype, param_dtype=self.param_dtype, name=f"stage{s + 1}",
             )(x, train=train)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
@@ -213,14 +208,25 @@ class ResNet(nn.Module):
                      name="head")(x.astype(self.dtype))
         return x.astype(jnp.float32)
 
-    def stem_factory(self) -> StemFactory | None:
-        """The stem: ``self.stem``; subclasses may override (SASA's attention stem)."""
-        return self.stem
+    def stem_factory(self) -> StemFactory:
+        """The stem: :class:`ConvStem` of ``width`` channels (SASA overrides it)."""
+        return functools.partial(ConvStem, self.stem_width or self.width, self.activation,
+                                 dtype=self.dtype, param_dtype=self.param_dtype)
 
     def block_spatial(self, stage_index: int, block_index: int) -> SpatialFactory | None:
-        """The spatial op of one block: ``self.spatial``'s choice; subclasses may override
-        (BoTNet and SASA pick attention for their attention stages)."""
-        return self.spatial(stage_index, block_index) if self.spatial is not None else None
+        """The spatial op of one block: None, the 3x3 conv (BoTNet and SASA override it)."""
+        return None
+
+    def pre_block(
+        self, stage_index: int, block_index: int
+    ) -> tuple[str, Callable[..., nn.Module]] | None:
+        """A ``(name, factory)`` inserted before the block: the non-local block before the
+        last block of each of ``non_local_stages``, else None."""
+        if stage_index in self.non_local_stages and block_index == (
+                self.stage_sizes[stage_index] - 1):
+            return "nonlocal", functools.partial(NonLocalBlock, dtype=self.dtype,
+                                                 param_dtype=self.param_dtype)
+        return None
 
 
 resnet26 = functools.partial(ResNet, stage_sizes=(1, 2, 4, 1))

@@ -31,46 +31,27 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-
+from hybrid_attn.models.layers.attention import Attention, StridedAttention
 from hybrid_attn.models.layers.attention_stem import AttentionStem
 from hybrid_attn.models.layers.local_attention import LocalSelfAttention
-from hybrid_attn.models.layers.pooling import avg_pool2
 from hybrid_attn.models.resnet import ResNet, SpatialFactory, StemFactory
 
-Dtype = Any
 
+class AttentionSpatial(StridedAttention):
+    """The spatial op of a SASA bottleneck: local self-attention (``attn``, Eq. 3), then 2x2
+    average pooling where the convolution it replaces was strided (``strides=2``), in ceil
+    mode so odd maps match the strided 1x1 shortcut convolution."""
 
-class AttentionSpatial(nn.Module):
-    """The spatial op of a SASA bottleneck: local self-attention (``attn``), then 2x2
-    average pooling where the convolution it replaces was strided (``strides=2``).
-
-    Pooling rounds up (ceil mode, padded cells excluded from the average) so odd maps
-    match the strided 1x1 shortcut convolution.
-    """
-
-    features: int
-    strides: int = 1
     num_heads: int = 8
     kernel_size: int = 7
     block_size: int = 4
     row_chunk: int | None = 1
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        if self.strides not in (1, 2):
-            raise ValueError(f"AttentionSpatial strides must be 1 or 2, got {self.strides}")
-        y = LocalSelfAttention(
-            self.features, self.num_heads, self.kernel_size, self.block_size, self.row_chunk,
-            dtype=self.dtype, param_dtype=self.param_dtype, name="attn",
-        )(x, train=train)
-        return avg_pool2(y) if self.strides == 2 else y
+    def attention(self) -> Attention:
+        return LocalSelfAttention(self.features, self.num_heads, self.kernel_size,
+                                  self.block_size, self.row_chunk, dtype=self.dtype,
+                                  param_dtype=self.param_dtype, name="attn")
 
 
 class SASAResNet(ResNet):
@@ -95,7 +76,7 @@ class SASAResNet(ResNet):
     row_chunk: int | None = 1
     stem_heads: int = 4
 
-    def stem_factory(self) -> StemFactory | None:
+    def stem_factory(self) -> StemFactory:
         """The attention stem (``width`` channels), or ResNet's conv stem."""
         if not self.attention_stem:
             return super().stem_factory()

@@ -13,10 +13,20 @@ input size (non-square included) with no table to resize when the resolution cha
 published code (timm ``twins_{pcpvt,svt}_{small,base,large}``); the parameter counts
 equal the authors' logs (see ``tests/test_twins.py``).
 
+Both attentions are the shared :class:`~hybrid_attn.models.layers.attention.Attention`
+(parameter names follow the published code): GSA (Sec. 3.2) with the :class:`Subsampled`
+pattern -- keys/values from a conv of kernel = stride = ``sr_ratio`` (``sr``) and a
+LayerNorm (``norm``, eps 1e-5), projections ``q``, ``kv``, ``proj``; ``sr_ratio = 1`` (the
+last stage) has no conv and no norm. LSA with the :class:`Blocked` pattern: self-attention
+in non-overlapping windows, projections ``qkv``, ``proj``.
+
 One deliberate difference: LSA masks the padded keys of windows that overhang a map not
-divisible by the window; ``lsa_mask_padding=False`` restores the published zero-padding
-(see :class:`LocallyGroupedAttention`). Both agree whenever the maps are divisible by the
-window, e.g. at 224x224.
+divisible by the window (a side shorter than the window uses one window of that length:
+the same result, less work); ``lsa_mask_padding=False`` restores the published padding,
+where the *input tokens* are padded with zeros before the ``qkv`` projection, so padded
+keys carry the projection bias and take part in the softmax (Twins' "forward_padding";
+needed for weight parity on such sizes). Both agree whenever the maps are divisible by
+the window, e.g. at 224x224.
 """
 
 from __future__ import annotations
@@ -29,14 +39,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hybrid_attn.models.layers.attention import Attention, Blocked, Subsampled
 from hybrid_attn.models.layers.mlp import Mlp
 from hybrid_attn.models.layers.patch_embed import PatchEmbed
 from hybrid_attn.models.layers.position_encoding import PositionEncodingGenerator
 from hybrid_attn.models.layers.regularization import DropPath, drop_path_rates
-from hybrid_attn.models.layers.twins_attention import (
-    GlobalSubsampledAttention,
-    LocallyGroupedAttention,
-)
 
 Dtype = Any
 
@@ -49,7 +56,8 @@ class TwinsBlock(nn.Module):
       mlp_ratio: MLP hidden width / block width.
       sr_ratio: GSA sub-sampling ratio.
       window_size: None for GSA, else the LSA window side.
-      lsa_mask_padding: see :class:`LocallyGroupedAttention`.
+      lsa_mask_padding: mask LSA's padded keys (True) or reproduce the published zero-token
+        padding (False), see the module docstring.
       drop_path_rate: stochastic depth of both residual branches.
       norm_eps: epsilon of ``norm1``/``norm2`` (1e-6 in the published code).
     """
@@ -69,10 +77,12 @@ class TwinsBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         c = x.shape[-1]
         if self.window_size is None:
-            attn = GlobalSubsampledAttention(self.num_heads, self.sr_ratio, name="attn", **kw)
+            pattern = Subsampled(self.sr_ratio)
         else:
-            attn = LocallyGroupedAttention(self.num_heads, self.window_size,
-                                           self.lsa_mask_padding, name="attn", **kw)
+            pattern = Blocked(self.window_size,
+                              padding="mask" if self.lsa_mask_padding else "zero_tokens")
+        attn = Attention(num_heads=self.num_heads, out_features=c, pattern=pattern,
+                         name="attn", **kw)
         y = nn.LayerNorm(epsilon=self.norm_eps, name="norm1", **kw)(x)
         x = x + DropPath(self.drop_path_rate, name="drop_path1")(attn(y, train=train), train=train)
         y = nn.LayerNorm(epsilon=self.norm_eps, name="norm2", **kw)(x)

@@ -27,43 +27,40 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hybrid_attn.models.layers.local_attention import blocked_attention
+from hybrid_attn.models.layers.attention import split_heads
+from hybrid_attn.models.layers.attention_kernels import BlockLayout, blocked_attention
 from hybrid_attn.models.layers.norm import batch_norm
 
 Dtype = Any
 
 
-class MixtureValues(nn.Module):
-    """The position-dependent value projection ``v_ab = (sum_m p(a, b, m) W_V^m) x_ab``.
+class MixturePositions(nn.Module):
+    """The mixture weights ``p(a, b, m) = softmax_m((emb_row(a) + emb_col(b)) . nu^m)``, float32
+    ``[window, window, num_mixtures]``: the stem's position tables (``emb_row``, ``emb_col``
+    ``[window, embed_dim]``, ``mixture`` ``[embed_dim, num_mixtures]``, the ``nu^m``)."""
 
-    Param ``kernel [num_mixtures, C_in, features]`` holds the ``W_V^m`` (named ``kernel``
-    like every projection matrix, so weight decay treats it as one).
-    """
-
-    features: int
+    window: int
     num_mixtures: int
-    dtype: Dtype = jnp.float32
+    embed_dim: int
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, blocks: jax.Array, p: jax.Array) -> jax.Array:
-        """``blocks [B, H/s, s, W/s, s, C]`` and mixture weights ``p [s, s, m]`` (float32)
-        -> values ``[B, H/s, s, W/s, s, features]``."""
-        kernel = self.param(
-            "kernel", nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,)),
-            (self.num_mixtures, blocks.shape[-1], self.features), self.param_dtype,
-        )
-        w_v = jnp.einsum("abm,mcf->abcf", p, kernel.astype(jnp.float32)).astype(self.dtype)
-        return jnp.einsum("nyaxbc,abcf->nyaxbf", blocks.astype(self.dtype), w_v)
+    def __call__(self) -> jax.Array:
+        s, e = self.window, self.embed_dim
+        emb_row, emb_col = (self.param(name, nn.initializers.normal(1.0), (s, e), self.param_dtype)
+                            for name in ("emb_row", "emb_col"))
+        nu = self.param("mixture", nn.initializers.normal(e**-0.5), (e, self.num_mixtures),
+                        self.param_dtype)
+        logits = (emb_row[:, None] + emb_col[None, :]).astype(jnp.float32) @ nu
+        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
 class AttentionStem(nn.Module):
     """Spatially-aware attention in ``window``-sized blocks -> BatchNorm -> max pool.
 
-    Params: ``qk`` (bias-free Dense laid out ``[2, heads, head_dim]``), ``value/kernel``
-    ``[num_mixtures, C_in, features]`` (the ``W_V^m``, :class:`MixtureValues`),
-    ``emb_row`` / ``emb_col`` ``[window, embed_dim]``, ``mixture`` ``[embed_dim,
-    num_mixtures]`` (the ``nu^m``), and ``norm`` (BatchNorm).
+    Params: ``qk`` (bias-free Dense laid out ``[2, heads, head_dim]``), ``value``
+    ``[num_mixtures, C_in, features]`` (the ``W_V^m``), ``position`` (the mixture weights'
+    tables, :class:`MixturePositions`), and ``norm`` (BatchNorm).
 
     Attributes:
       features: output width (64, the ResNet stem width).
@@ -84,35 +81,29 @@ class AttentionStem(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        s, heads = self.window, self.num_heads
+        s = self.window
         if x.ndim != 4 or x.shape[1] % s or x.shape[2] % s:
             raise ValueError(
                 f"AttentionStem expects NHWC images whose height and width are multiples of "
                 f"its window {s}; got shape {x.shape}"
             )
-        if self.features % heads:
-            raise ValueError(f"features ({self.features}) must be divisible by {heads} heads")
+        heads, d = split_heads(self.features, self.num_heads, None)
         b, h, w, c = x.shape
-        d = self.features // heads
         qk = nn.Dense(
             2 * self.features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
             name="qk",
         )(x).reshape(b, h, w, 2, heads, d)
-
-        emb_row, emb_col = (
-            self.param(name, nn.initializers.normal(1.0), (s, self.embed_dim), self.param_dtype)
-            for name in ("emb_row", "emb_col")
+        p = MixturePositions(s, self.num_mixtures, self.embed_dim, self.param_dtype,
+                             name="position")()
+        kernel = self.param(
+            "value", nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,)),
+            (self.num_mixtures, c, self.features), self.param_dtype,
         )
-        nu = self.param("mixture", nn.initializers.normal(self.embed_dim**-0.5),
-                        (self.embed_dim, self.num_mixtures), self.param_dtype)
-        logits = (emb_row[:, None] + emb_col[None, :]) @ nu  # [s, s, m]
-        p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        v = MixtureValues(
-            self.features, self.num_mixtures, dtype=self.dtype, param_dtype=self.param_dtype,
-            name="value",
-        )(x.reshape(b, h // s, s, w // s, s, c), p).reshape(b, h, w, heads, d)
-
-        y = blocked_attention(qk[..., 0, :, :], qk[..., 1, :, :], v, block=(s, s))
+        w_v = jnp.einsum("abm,mcf->abcf", p, kernel.astype(jnp.float32)).astype(self.dtype)
+        v = jnp.einsum("nyaxbc,abcf->nyaxbf", x.reshape(b, h // s, s, w // s, s, c).astype(
+            self.dtype), w_v).reshape(b, h, w, heads, d)
+        y, _ = blocked_attention(qk[..., 0, :, :], qk[..., 1, :, :], v,
+                                 BlockLayout.make((h, w), (s, s)))
         y = batch_norm(train, self.dtype, self.param_dtype, "norm")(
             y.reshape(b, h, w, self.features))
         return nn.max_pool(y, (s, s), (s, s))

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hybrid_attn.models.layers.attention import MultiHeadAttention
+from hybrid_attn.models.layers.attention import Attention
 from hybrid_attn.models.layers.norm import batch_norm
 
 Dtype = Any
@@ -36,9 +36,9 @@ class NonLocalBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         channels = x.shape[-1]
-        y = MultiHeadAttention(
-            num_heads=1, head_dim=max(1, channels // self.reduction), out_features=channels,
-            qkv_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, name="attention",
+        y = Attention(
+            features=max(1, channels // self.reduction), num_heads=1, out_features=channels,
+            dtype=self.dtype, param_dtype=self.param_dtype, name="attn",
         )(x, train=train)
         y = batch_norm(train, self.dtype, self.param_dtype, "bn",
                        scale_init=nn.initializers.zeros)(y)

@@ -1,70 +1,56 @@
 """CoAtNet's relative attention bias and its resizing for a new input resolution.
 
 Relative attention (Dai et al. 2021, Eq. 3) adds a learned scalar per head and per 2-D
-offset to the attention logits: ``logit(i, j) = q_i . k_j / sqrt(d) + w_h[delta(i, j)]``.
-Over an H x W map the offsets take (2H-1) x (2W-1) values, so each head owns a table of
-that size. The table is stored as ``relative_bias_table`` with shape ``[2H-1, 2W-1, heads]``
-(timm's flat ``[(2H-1)(2W-1), heads]`` table reshaped row-major), sized from the traced
-query map: parameters made at one resolution must be resized with
-``hybrid_attn.models.resize_position_tables`` before use at another.
+offset to the attention logits: ``logit(i, j) = q_i . k_j / sqrt(d) + w_h[i - j]`` (i the
+query, j the key: the negated offset of :func:`~hybrid_attn.models.layers.position.
+relative_offsets`). Over an H x W window the offsets take (2H-1) x (2W-1) values, so each
+head owns a table of that size, stored as ``relative_bias_table`` with shape ``[2H-1,
+2W-1, heads]`` (timm's flat ``[(2H-1)(2W-1), heads]`` table reshaped row-major). It is
+sized from the traced window: the whole map for global attention (CoAtNet; resized for a
+new resolution by ``hybrid_attn.models.resize_position_tables``), a block for block
+attention (MaxViT; never resized).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 from numpy.typing import ArrayLike
+
+from hybrid_attn.models.layers.position import Grid, LogitTerm, PositionTable, bias_logits
 
 TABLE_NAME = "relative_bias_table"
 
 
-def _offset_indices(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column table indices ``[HW, HW]`` of every (query, key) pair, row-major."""
-    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    rows, cols = rows.reshape(-1), cols.reshape(-1)
-    return rows[:, None] - rows[None, :] + h - 1, cols[:, None] - cols[None, :] + w - 1
+class RelativeBias2D(PositionTable):
+    """Position term: one (2H-1) x (2W-1) bias table per head for an H x W window.
 
-
-class RelativeBias2D(nn.Module):
-    """Position term for :class:`MultiHeadAttention`: one (2H-1) x (2W-1) bias table per head.
-
-    Called as ``position(q, q_hw, kv_hw)``; only the number of heads is read from ``q``.
-    Returns ``[heads, HW, HW]`` float32 logits with ``out[h, i, j] =
-    table[row_i - row_j + H - 1, col_i - col_j + W - 1, h]`` (a gather, no skewing).
+    The term ignores ``q`` and returns ``[heads, HW, HW]`` float32 logits with ``out[h, i,
+    j] = table[row_i - row_j + H - 1, col_i - col_j + W - 1, h]`` (a gather, no skewing).
     """
 
-    param_dtype: Any = jnp.float32
     table_init: nn.initializers.Initializer = nn.initializers.truncated_normal(0.02)
 
     @nn.compact
-    def __call__(
-        self, q: jax.Array, q_hw: Sequence[int], kv_hw: Sequence[int]
-    ) -> jax.Array:
-        if tuple(q_hw) != tuple(kv_hw):
+    def __call__(self, grid: Grid, num_heads: int, head_dim: int) -> LogitTerm:
+        if not grid.is_self:
             raise ValueError(
-                f"RelativeBias2D needs queries and keys on the same map, got query map "
-                f"{tuple(q_hw)} and key map {tuple(kv_hw)}"
+                f"RelativeBias2D needs queries and keys on the same positions, got query map "
+                f"{grid.q_hw} and key map {grid.k_hw} (start {grid.k_start}, stride "
+                f"{grid.k_stride})"
             )
-        h, w = q_hw
-        shape = (2 * h - 1, 2 * w - 1, q.shape[-2])
-        if self.has_variable("params", TABLE_NAME):
-            actual = tuple(self.get_variable("params", TABLE_NAME).shape)
-            if actual != shape:
-                raise ValueError(
-                    f"{'/'.join(self.scope.path)}/{TABLE_NAME} has shape {actual} but the "
-                    f"{h}x{w} feature map of this input needs {shape} "
-                    "([2H-1, 2W-1, heads]); the parameters were made for another input size. "
-                    "Resize them first with "
-                    "hybrid_attn.models.resize_position_tables(params, model, input_shape)."
-                )
-        table = self.param(TABLE_NAME, self.table_init, shape, self.param_dtype)
-        rows, cols = _offset_indices(h, w)
-        return jnp.moveaxis(table[rows, cols].astype(jnp.float32), -1, 0)
+        (h, w), (rows, cols) = grid.q_hw, (grid.offsets(0), grid.offsets(1))
+        table = self.table(TABLE_NAME, (2 * h - 1, 2 * w - 1, num_heads), self.table_init, grid)
+        return LogitTerm(functools.partial(bias_logits, rows=h - 1 - rows, cols=w - 1 - cols),
+                         (table,))
+
+    @classmethod
+    def resize(cls, name: str, table: ArrayLike, shape: tuple[int, ...]) -> np.ndarray:
+        """:func:`resize_relative_bias` to the ``[2H-1, 2W-1, heads]`` ``shape``."""
+        return resize_relative_bias(table, ((shape[0] + 1) // 2, (shape[1] + 1) // 2))
 
 
 def _beit_positions(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
