@@ -1,22 +1,45 @@
 """Benchmark one model's train or inference step; prints one JSON line.
 
     python -m hybrid_attn.bench --model coatnet_0 --res 224 --batch 16 --mode train
+    python -m hybrid_attn.bench --model coatnet_0 --res 224 --batch 8 --mode train \\
+        --threads 1 --against timm --timm_python /path/to/timm-venv/bin/python
     python -m hybrid_attn.bench --layer local_attention --map 56x56x64 --batch 8 --mode train
 
 ``--layer`` measures a single spatial layer on a feature map instead (SASA's local
 attention or, for comparison, a 3x3 convolution); ``--mode train`` is forward + backward.
 
-Reports images/s and ms per step (median over ``--steps`` timed steps after warm-up),
-compile time, the FLOPs per step from XLA's cost analysis summed over devices (XLA counts a
-multiply-add as two FLOPs), the compiled per-device program's temporary memory and, where
-the backend reports it, the device's peak memory in use.
+Reports images/s and ms per step (median over ``--steps`` timed steps after warm-up), the
+process CPU time per step (on a shared machine the steadier measure of work at one
+thread), compile time, the FLOPs per step from XLA's cost analysis summed over devices (XLA
+counts a multiply-add as two FLOPs), the compiled per-device program's temporary memory
+and, where the backend reports it, the device's peak memory in use. A train step is
+forward + backward + AdamW update (lr 1e-3, weight decay 0.05).
+
+``--against timm`` also runs timm's model of the same architecture (:data:`TIMM_NAMES`)
+with the same protocol, eagerly and with ``torch.compile``, and adds the ratios (ours /
+timm in images/s, and timm / ours in CPU time per step). The project never imports torch:
+the timm side runs in a subprocess, ``hybrid_attn/bench_timm.py`` executed by
+``--timm_python`` (default ``$HYBRID_ATTN_TIMM_PYTHON``, else this python), so torch lives
+in its own environment and a torch thread pool never shares this process with XLA's. The
+JSON line then carries both sides, and a Markdown table row goes to stderr.
+
+``--threads N`` pins this process (and so the timm subprocess, which also calls
+``torch.set_num_threads(N)``) to N CPUs before XLA starts. CPU affinity is what limits
+XLA:CPU: it sizes its thread pools from the allowed CPUs, whereas
+``--xla_cpu_multi_thread_eigen=false`` left a 2048x2048 matmul using 1.6 cores (jax 0.10).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +61,30 @@ flags.DEFINE_integer("num_classes", 1000, "Classifier width.")
 flags.DEFINE_enum("layer", None, ["local_attention", "conv3x3"],
                   "Benchmark one layer on a --map feature map instead of a model.")
 flags.DEFINE_string("map", "56x56x64", "HxWxC feature map for --layer.")
+flags.DEFINE_integer("threads", None, "Pin this process (and the timm side) to N CPUs.")
+flags.DEFINE_enum("against", None, ["timm"], "Also run timm's model of the same architecture.")
+flags.DEFINE_string("timm_python", None,
+                    "Python with torch + timm for --against timm "
+                    "(default $HYBRID_ATTN_TIMM_PYTHON, else this python).")
+flags.DEFINE_string("timm_model", None, "timm model name (default: TIMM_NAMES[--model]).")
+flags.DEFINE_bool("timm_compile", True, "Also time timm under torch.compile.")
+flags.DEFINE_enum("remat", None, ["none", "block"],
+                  "Rematerialisation policy, where the model has a `remat` field.")
+flags.DEFINE_bool("scan", None, "Scan over a stage's repeated blocks, where the model has a "
+                  "`scan` field.")
+
+# Our name -> timm's model of the same architecture. BoTNet-50 has no exact timm twin:
+# botnet50ts_256 (tiered 3-conv stem, SiLU) is the nearest and is flagged as such. timm's
+# resnet26 is [2, 2, 2, 2] blocks (16.0M), not SASA's ResNet-26 ([1, 2, 4, 1], 13.7M).
+TIMM_NAMES: dict[str, str] = {
+    **{f"coatnet_{i}": f"coatnet_{i}_224" for i in range(5)},
+    **{f"coatnet_{i}_rw": f"coatnet_{i}_rw_224" for i in range(4)},
+    **{f"resnet{d}": f"resnet{d}" for d in (50, 101, 152)},
+    **{f"twins_{k}_{s}": f"twins_{k}_{size}" for k in ("pcpvt", "svt")
+       for s, size in (("s", "small"), ("b", "base"), ("l", "large"))},
+    "botnet50": "botnet50ts_256",
+}
+NEAREST_ONLY = frozenset({"botnet50"})
 
 
 def _flops(compiled) -> float | None:
@@ -47,15 +94,46 @@ def _flops(compiled) -> float | None:
     return float(analysis["flops"]) if analysis and "flops" in analysis else None
 
 
-def _time(compiled, args, steps: int, warmup: int) -> float:
-    """Median seconds per call after ``warmup`` untimed calls."""
-    times = []
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _time(compiled, args, steps: int, warmup: int) -> tuple[float, float]:
+    """Median (wall, process CPU) seconds per call after ``warmup`` untimed calls."""
+    walls, cpus = [], []
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         jax.block_until_ready(compiled(*args))
         if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+            walls.append(time.perf_counter() - t0)
+            cpus.append(_cpu_seconds() - c0)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def limit_threads(threads: int | None) -> None:
+    """Pins this process to its first ``threads`` allowed CPUs; call before XLA starts
+    (threads started earlier keep their affinity)."""
+    if threads is None:
+        return
+    allowed = sorted(os.sched_getaffinity(0))
+    if not 1 <= threads <= len(allowed):
+        raise ValueError(f"--threads must be in 1..{len(allowed)} (allowed CPUs), got {threads}")
+    os.sched_setaffinity(0, allowed[:threads])
+
+
+def model_overrides(model_name: str, remat: str | None, scan: bool | None) -> tuple[dict, dict]:
+    """(constructor overrides, notes) for the ``remat``/``scan`` switches: a switch the
+    model has no field for is skipped and noted as unsupported."""
+    fields = {f.name for f in dataclasses.fields(get_model(model_name))}
+    overrides, notes = {}, {}
+    for name, value in (("remat", remat), ("scan", scan)):
+        if value is None:
+            continue
+        if name in fields:
+            overrides[name] = value
+        notes[name] = value if name in fields else f"unsupported by {model_name}"
+    return overrides, notes
 
 
 def run_layer_benchmark(layer: str, feature_map: str, batch: int, mode: str,
@@ -69,7 +147,7 @@ def run_layer_benchmark(layer: str, feature_map: str, batch: int, mode: str,
         h, w, c = (int(v) for v in feature_map.lower().split("x"))
     except ValueError as e:
         raise ValueError(f"--map must look like 56x56x64, got {feature_map!r}") from e
-    compute = train.COMPUTE_DTYPES[dtype]
+    compute = jnp.dtype(dtype)
     if layer == "local_attention":
         module = LocalSelfAttention(features=c, dtype=compute)
     else:
@@ -88,7 +166,7 @@ def run_layer_benchmark(layer: str, feature_map: str, batch: int, mode: str,
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(params, x).compile()
     compile_s = time.perf_counter() - t0
-    step_s = _time(compiled, (params, x), steps, warmup)
+    step_s, _ = _time(compiled, (params, x), steps, warmup)
     return {
         "layer": layer, "mode": mode, "map": [h, w, c], "batch": batch, "dtype": dtype,
         "device": jax.devices()[0].device_kind,
@@ -101,11 +179,14 @@ def run_layer_benchmark(layer: str, feature_map: str, batch: int, mode: str,
 
 
 def run_benchmark(model_name: str, res: int, batch: int, mode: str, dtype: str = "float32",
-                  steps: int = 10, warmup: int = 2, num_classes: int = 1000) -> dict:
+                  steps: int = 10, warmup: int = 2, num_classes: int = 1000,
+                  remat: str | None = None, scan: bool | None = None) -> dict:
     """Compiles and times the step; returns the measurements as a dict."""
     mesh = sharding.make_mesh()
     sharding.check_batch_size(batch, mesh, "--batch")
-    model = get_model(model_name, num_classes=num_classes, dtype=train.COMPUTE_DTYPES[dtype])
+    overrides, notes = model_overrides(model_name, remat, scan)
+    model = get_model(model_name, num_classes=num_classes, dtype=jnp.dtype(dtype),
+                      **overrides)
     tx = optax.adamw(1e-3, weight_decay=0.05)
     rng = jax.random.PRNGKey(0)
     state, shardings = train.create_train_state(model, tx, rng, (1, res, res, 3), mesh, ema=False)
@@ -134,9 +215,9 @@ def run_benchmark(model_name: str, res: int, batch: int, mode: str, dtype: str =
             holder["state"], metrics = compiled(holder["state"], batch)
             return metrics
 
-        step_s = _time(step_fn, args, steps, warmup)
+        step_s, cpu_s = _time(step_fn, args, steps, warmup)
     else:
-        step_s = _time(compiled, args, steps, warmup)
+        step_s, cpu_s = _time(compiled, args, steps, warmup)
     memory = compiled.memory_analysis()
     stats = jax.devices()[0].memory_stats() or {}
     return {
@@ -145,22 +226,102 @@ def run_benchmark(model_name: str, res: int, batch: int, mode: str, dtype: str =
         "params": sum(x.size for x in jax.tree_util.tree_leaves(state.params)),
         "img_per_s": round(batch / step_s, 2),
         "step_ms": round(step_s * 1e3, 2),
+        "cpu_ms": round(cpu_s * 1e3, 2),
+        "cpus": len(os.sched_getaffinity(0)),
         "compile_s": round(compile_s, 2),
         # XLA analyses the per-device program; data parallelism splits the work evenly.
         "flops_per_step": _flops(compiled) * mesh.devices.size,
         "temp_memory_bytes": getattr(memory, "temp_size_in_bytes", None),
         "peak_memory_bytes": stats.get("peak_bytes_in_use"),
+        **notes,
     }
+
+
+def timm_python(flag: str | None) -> str:
+    """The python that runs the timm side: the flag, ``$HYBRID_ATTN_TIMM_PYTHON``, or this
+    one; a one-line error if it cannot import torch and timm."""
+    python = flag or os.environ.get("HYBRID_ATTN_TIMM_PYTHON") or sys.executable
+    try:
+        ok = subprocess.run([python, "-c", "import timm, torch"], capture_output=True,
+                            timeout=300).returncode == 0
+    except OSError:
+        ok = False
+    if not ok:
+        raise SystemExit(f"--against timm: {python} cannot import timm and torch; pass "
+                         "--timm_python (or set HYBRID_ATTN_TIMM_PYTHON) to a python that can")
+    return python
+
+
+def run_timm(python: str, timm_model: str, res: int, batch: int, mode: str, threads: int | None,
+             steps: int, warmup: int, compile_model: bool, num_classes: int) -> list[dict]:
+    """Runs ``bench_timm.py`` under ``python``; one result per run (eager, compiled)."""
+    cmd = [python, str(Path(__file__).with_name("bench_timm.py")), "--model", timm_model,
+           "--res", str(res), "--batch", str(batch), "--mode", mode, "--steps", str(steps),
+           "--warmup", str(warmup), "--num_classes", str(num_classes)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    if not compile_model:
+        cmd.append("--no-compile")
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise SystemExit(f"--against timm: {timm_model} failed: {tail[0]}")
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def compare(ours: dict, timm_runs: list[dict]) -> dict:
+    """``ours`` with the timm runs and the speed ratios (>1: ours faster) added."""
+    out = dict(ours)
+    for run in timm_runs:
+        key = "timm_compiled" if run["compiled"] else "timm_eager"
+        out[key] = run
+        out[f"ratio_vs_{key}"] = round(ours["img_per_s"] / run["img_per_s"], 3)
+        out[f"cpu_ratio_vs_{key}"] = round(run["cpu_ms"] / ours["cpu_ms"], 3)
+    return out
+
+
+def table_row(r: dict) -> str:
+    """One Markdown row: model, mode, img/s ours / timm eager / timm compiled, ratios."""
+    def side(key: str) -> str:
+        run = r.get(key)
+        if run is None:
+            return "- | -"
+        return f"{run['img_per_s']:.2f} | {r[f'ratio_vs_{key}']:.2f}x"
+    return (f"| {r['model']} | {r['mode']} | {r['cpus']} | {r['img_per_s']:.2f} | "
+            f"{side('timm_eager')} | {side('timm_compiled')} | {r['compile_s']:.1f} s | "
+            f"{r['temp_memory_bytes'] / 2**20:.0f} MiB |")
+
+
+TABLE_HEADER = ("| model | mode | threads | ours img/s | timm eager img/s | ratio | "
+                "timm compiled img/s | ratio | our compile | our temp memory |\n"
+                "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv: list[str]) -> None:
     del argv
+    limit_threads(FLAGS.threads)
     if FLAGS.layer:
         result = run_layer_benchmark(FLAGS.layer, FLAGS.map, FLAGS.batch, FLAGS.mode,
                                      FLAGS.dtype, FLAGS.steps, FLAGS.warmup)
-    else:
-        result = run_benchmark(FLAGS.model, FLAGS.res, FLAGS.batch, FLAGS.mode, FLAGS.dtype,
-                               FLAGS.steps, FLAGS.warmup, FLAGS.num_classes)
+        print(json.dumps(result))
+        return
+    python = None
+    if FLAGS.against == "timm":
+        timm_model = FLAGS.timm_model or TIMM_NAMES.get(FLAGS.model)
+        if timm_model is None:
+            raise SystemExit(f"--against timm: no timm counterpart for {FLAGS.model!r}; pass "
+                             f"--timm_model (known: {', '.join(sorted(TIMM_NAMES))})")
+        python = timm_python(FLAGS.timm_python)
+    result = run_benchmark(FLAGS.model, FLAGS.res, FLAGS.batch, FLAGS.mode, FLAGS.dtype,
+                           FLAGS.steps, FLAGS.warmup, FLAGS.num_classes, FLAGS.remat,
+                           FLAGS.scan)
+    if python is not None:
+        runs = run_timm(python, timm_model, FLAGS.res, FLAGS.batch, FLAGS.mode, FLAGS.threads,
+                        FLAGS.steps, FLAGS.warmup, FLAGS.timm_compile, FLAGS.num_classes)
+        result = compare(result, runs)
+        result["timm_same_architecture"] = (
+            None if FLAGS.timm_model else FLAGS.model not in NEAREST_ONLY)
+        print(TABLE_HEADER, table_row(result), sep="\n", file=sys.stderr)
     print(json.dumps(result))
 
 

@@ -1,6 +1,7 @@
 """The benchmark CLI's measurements on CPU: small sizes, checks fields, not speed."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -36,3 +37,53 @@ def test_cli_prints_one_json_line():
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout.strip().splitlines()
     assert len(out) == 1 and json.loads(out[0])["layer"] == "conv3x3"
+
+
+def _cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "hybrid_attn.bench", *args],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+TINY = ("--model=resnet26", "--res=32", "--batch=1", "--mode=infer", "--steps=1",
+        "--warmup=0", "--num_classes=10")
+
+
+def test_cli_against_timm_without_timm_is_one_line():
+    done = _cli(*TINY, "--against=timm", "--timm_model=resnet26",
+                "--timm_python=/nonexistent/python")
+    assert done.returncode != 0 and not done.stdout
+    assert done.stderr.strip() == (
+        "--against timm: /nonexistent/python cannot import timm and torch; pass "
+        "--timm_python (or set HYBRID_ATTN_TIMM_PYTHON) to a python that can")
+
+
+def test_cli_against_timm_has_no_counterpart_for_sasa():
+    done = _cli("--model=sasa_resnet26", "--against=timm")
+    assert done.returncode != 0
+    assert done.stderr.startswith("--against timm: no timm counterpart for 'sasa_resnet26'")
+
+
+def test_cli_joins_timm_side_and_pins_threads(tmp_path):
+    # A stand-in for the timm venv's python: passes the import check, prints two runs.
+    fake = tmp_path / "python"
+    eager = {"timm_model": "resnet26", "compiled": False, "img_per_s": 2.0, "cpu_ms": 50.0}
+    compiled = dict(eager, compiled=True, img_per_s=4.0, cpu_ms=25.0)
+    fake.write_text("#!/bin/sh\n[ \"$1\" = -c ] && exit 0\n"
+                    f"echo '{json.dumps(eager)}'\necho '{json.dumps(compiled)}'\n")
+    fake.chmod(0o755)
+    done = _cli(*TINY, "--threads=1", "--remat=block", "--against=timm",
+                "--timm_model=resnet26", env_extra={"HYBRID_ATTN_TIMM_PYTHON": str(fake)})
+    assert done.returncode == 0, done.stderr
+    r = json.loads(done.stdout.strip())
+    assert r["cpus"] == 1 and r["img_per_s"] > 0 and r["cpu_ms"] > 0
+    assert r["timm_eager"] == eager and r["timm_compiled"] == compiled
+    assert r["ratio_vs_timm_eager"] == pytest.approx(r["img_per_s"] / 2.0, rel=1e-2)
+    assert r["ratio_vs_timm_compiled"] == pytest.approx(r["img_per_s"] / 4.0, rel=1e-2)
+    assert r["cpu_ratio_vs_timm_eager"] == pytest.approx(50.0 / r["cpu_ms"], rel=1e-2)
+    assert r["timm_same_architecture"] is None  # an explicit --timm_model is not vouched for
+    # The switch is passed to a model with a `remat` field and noted as unsupported otherwise.
+    assert r["remat"] in ("block", "unsupported by resnet26")
+    row = [line for line in done.stderr.splitlines() if line.startswith("| resnet26 |")]
+    assert len(row) == 1 and f"| {r['img_per_s']:.2f} | 2.00 | " in row[0]
