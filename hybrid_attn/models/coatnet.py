@@ -30,21 +30,25 @@ adapts trained tables to a new resolution).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hybrid_attn.models.layers.attention import Attention
+from hybrid_attn.models.layers.attention import Attention, PositionFactory
+from hybrid_attn.models.layers.layer_scale import LayerScale
 from hybrid_attn.models.layers.mbconv import ConvStem, MBConv, StrideAt
 from hybrid_attn.models.layers.mlp import Mlp
+from hybrid_attn.models.layers.norm import batch_norm
 from hybrid_attn.models.layers.pooling import avg_pool2
 from hybrid_attn.models.layers.regularization import DropPath, drop_path_rates
 from hybrid_attn.models.layers.relative_bias import RelativeBias2D
 
 Dtype = Any
+NormKind = Literal["layer", "batch"]
+BlockFactory = Callable[..., nn.Module]
 REDUCTION = 32  # total stride: the stem and four stages each halve the resolution
 
 
@@ -52,6 +56,32 @@ def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
     """LayerNorm with eps 1e-6 (timm's CoAtNet) and two-pass float32 statistics."""
     return nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=dtype,
                         param_dtype=param_dtype, name=name)
+
+
+def channel_norm(kind: NormKind, train: bool, dtype: Dtype, param_dtype: Dtype,
+                 name: str) -> nn.Module:
+    """The transformer norm over channels: :func:`layer_norm`, or a BatchNorm with the same
+    eps 1e-6 (timm's ``coatnet_bn_0_rw``)."""
+    if kind == "layer":
+        return layer_norm(dtype, param_dtype, name)
+    if kind == "batch":
+        return batch_norm(train, dtype, param_dtype, name, epsilon=1e-6)
+    raise ValueError(f"norm must be 'layer' or 'batch', got {kind!r}")
+
+
+def check_input(x: jax.Array, *per_stage: Sequence) -> None:
+    """Raises ValueError unless ``x`` is NHWC with sides that are multiples of
+    :data:`REDUCTION` and each of ``per_stage`` (depths, widths, ...) has four entries."""
+    if x.ndim != 4:
+        raise ValueError(f"CoAtNet expects NHWC images, got shape {x.shape}")
+    h, w = x.shape[1:3]
+    if h % REDUCTION or w % REDUCTION:
+        raise ValueError(
+            f"CoAtNet needs input height and width that are multiples of {REDUCTION} "
+            f"(five stride-2 stages); got {h}x{w}"
+        )
+    if any(len(field) != 4 for field in per_stage):
+        raise ValueError("depths, widths and block_types need one entry per stage S1..S4")
 
 
 class TransformerBlock(nn.Module):
@@ -64,6 +94,12 @@ class TransformerBlock(nn.Module):
     followed by a Dense projection to ``features``; otherwise both are the identity. The
     attention maps the input width to ``features`` with ``features // head_dim`` heads and
     a :class:`RelativeBias2D` table sized from the (pooled) map.
+
+    The remaining fields are timm's rw variants (:mod:`hybrid_attn.models.coatnet_rw`):
+    ``attn_from_input`` makes the attention as wide as the input (the output projection
+    widens), ``shortcut_bias`` drops the shortcut's bias, ``norm`` picks LayerNorm or
+    BatchNorm (:func:`channel_norm`), ``layer_scale`` scales both branches by a LayerScale
+    of that initial value, ``pool`` replaces the 2x2 averaging, ``position`` the bias table.
     """
 
     features: int
@@ -71,53 +107,55 @@ class TransformerBlock(nn.Module):
     head_dim: int = 32
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
+    attn_from_input: bool = False
+    shortcut_bias: bool = True
+    norm: NormKind = "layer"
+    layer_scale: float | None = None
+    pool: Callable[[jax.Array], jax.Array] = avg_pool2
+    position: PositionFactory = RelativeBias2D
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        y = layer_norm(self.dtype, self.param_dtype, "norm1")(x)
+        norm = functools.partial(channel_norm, self.norm, train, self.dtype, self.param_dtype)
+        scale = lambda y, name: y if self.layer_scale is None else LayerScale(  # noqa: E731
+            self.layer_scale, self.param_dtype, name=name)(y)
+        width = x.shape[-1] if self.attn_from_input else self.features
+        y = norm("norm1")(x)
         if self.strides == 2:
-            x, y = avg_pool2(x), avg_pool2(y)
+            x, y = self.pool(x), self.pool(y)
         if x.shape[-1] != self.features:
-            x = nn.Dense(self.features, name="shortcut", **kw)(x)
-        y = Attention(features=self.features, head_dim=self.head_dim,
-                      out_features=self.features, position=RelativeBias2D, name="attn", **kw,
-                      )(y, train=train)
-        x = x + DropPath(self.drop_path)(y, train=train)
-        y = layer_norm(self.dtype, self.param_dtype, "norm2")(x)
-        y = Mlp(int(self.features * self.mlp_ratio), name="mlp", **kw)(y, train=train)
-        return x + DropPath(self.drop_path)(y, train=train)
+            x = nn.Dense(self.features, use_bias=self.shortcut_bias, name="shortcut", **kw)(x)
+        y = Attention(features=width, head_dim=self.head_dim, out_features=self.features,
+                      position=self.position, name="attn", **kw)(y, train=train)
+        x = x + DropPath(self.drop_path)(scale(y, "layer_scale1"), train=train)
+        y = Mlp(int(self.features * self.mlp_ratio), name="mlp", **kw)(norm("norm2")(x),
+                                                                       train=train)
+        return x + DropPath(self.drop_path)(scale(y, "layer_scale2"), train=train)
 
 
 class Stage(nn.Module):
-    """One stage: ``depth`` blocks of one kind ('C' MBConv or 'T' transformer), the first
-    with stride 2, named ``block0`` ... ; its output is sown as ``intermediates/output``."""
+    """One stage: ``depth`` blocks of one kind ('C' convolution or 'T' transformer), the
+    first with stride 2, named ``block0`` ... ; its output is sown as
+    ``intermediates/output``. ``blocks`` maps each kind to a factory called as
+    ``factory(features, strides, drop_path=rate, name=name)`` (see ``CoAtNet.blocks``)."""
 
     kind: str
     depth: int
     features: int
     drop_path: Sequence[float]
-    head_dim: int = 32
-    stride_at: StrideAt = "depthwise"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    blocks: Mapping[str, BlockFactory]
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.kind not in self.blocks:
+            raise ValueError(f"Unknown block type {self.kind!r}; use one of {sorted(self.blocks)}")
         for b in range(self.depth):
-            strides, rate, name = 2 if b == 0 else 1, self.drop_path[b], f"block{b}"
-            if self.kind == "C":
-                block = MBConv(self.features, strides, stride_at=self.stride_at,
-                               drop_path=rate, name=name, **kw)
-            elif self.kind == "T":
-                block = TransformerBlock(self.features, strides, head_dim=self.head_dim,
-                                         drop_path=rate, name=name, **kw)
-            else:
-                raise ValueError(f"Unknown block type {self.kind!r}; use 'C' or 'T'")
-            x = block(x, train=train)
+            x = self.blocks[self.kind](self.features, 2 if b == 0 else 1,
+                                       drop_path=self.drop_path[b], name=f"block{b}")(
+                                           x, train=train)
         self.sow("intermediates", "output", x)
         return x
 
@@ -154,25 +192,22 @@ class CoAtNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    def blocks(self) -> dict[str, BlockFactory]:
+        """The :class:`Stage` factories of 'C' (MBConv) and 'T' (transformer) blocks."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        return {"C": functools.partial(MBConv, stride_at=self.stride_at, **kw),
+                "T": functools.partial(TransformerBlock, head_dim=self.head_dim, **kw)}
+
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        if x.ndim != 4:
-            raise ValueError(f"CoAtNet expects NHWC images, got shape {x.shape}")
-        h, w = x.shape[1:3]
-        if h % REDUCTION or w % REDUCTION:
-            raise ValueError(
-                f"CoAtNet needs input height and width that are multiples of {REDUCTION} "
-                f"(five stride-2 stages); got {h}x{w}"
-            )
-        if not len(self.depths) == len(self.widths) == len(self.block_types) == 4:
-            raise ValueError("depths, widths and block_types need one entry per stage S1..S4")
+        check_input(x, self.depths, self.widths, self.block_types)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = ConvStem(self.stem_width, name="stem", **kw)(x.astype(self.dtype), train=train)
-        rates = drop_path_rates(self.drop_path_rate, self.depths)
+        rates, blocks = drop_path_rates(self.drop_path_rate, self.depths), self.blocks()
         for s, (depth, width, kind) in enumerate(zip(self.depths, self.widths,
                                                      self.block_types)):
-            x = Stage(kind, depth, width, drop_path=tuple(rates[s]), head_dim=self.head_dim,
-                      stride_at=self.stride_at, name=f"stage{s + 1}", **kw)(x, train=train)
+            x = Stage(kind, depth, width, drop_path=tuple(rates[s]), blocks=blocks,
+                      name=f"stage{s + 1}")(x, train=train)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         x = layer_norm(self.dtype, self.param_dtype, "head_norm")(x)
         if self.pre_logits:

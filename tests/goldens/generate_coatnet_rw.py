@@ -20,9 +20,10 @@ tensors flattened and concatenated: one array instead of a hundred keeps the fil
 ``rmlp_2_rw/logits_square`` are the same weights on ``input_square`` (64x64): the MLP bias
 has no table, and the resolution is all ``coatnet_rmlp_2_rw_384`` changes.
 
-``coatnet_rw_timm.json``: per full-size timm model, its parameter count and, per pretrained
-tag, timm's preprocessing (input size, mean, std, interpolation, crop_pct, crop_mode) and
-class count.
+``coatnet_rw_timm.json``: per full-size timm model, its parameter count at its default class
+count (``num_classes``: 11821 for ``coatnet_3_rw_224``, whose only weights are ImageNet-12k)
+and, per pretrained tag, timm's preprocessing (input size, mean, std, interpolation,
+crop_pct, crop_mode) and class count.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def timm_facts() -> dict:
         for tag in timm.list_pretrained(f"{name}.*"):
             cfg = timm.models.get_pretrained_cfg(tag).to_dict()
             tags[tag] = {k: cfg[k] for k in PREPROCESSING}
-        facts[name] = {"params": sum(p.numel() for p in model.parameters()), "pretrained": tags}
+        facts[name] = {"params": sum(p.numel() for p in model.parameters()),
+                       "num_classes": model.num_classes, "pretrained": tags}
     return facts
 
 

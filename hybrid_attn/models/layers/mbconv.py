@@ -3,6 +3,7 @@
 Both follow Dai et al. 2021 (Sec. 3.3, Table 3) in the form of the published code / timm's
 ``MbConvBlock`` and ``Stem``: pre-activation BatchNorm, exact GELU, squeeze-excitation
 sized from the block's output width, symmetric padding (so timm weights load unchanged).
+Fields cover timm's "rw" variants of both (:mod:`hybrid_attn.models.coatnet_rw`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from hybrid_attn.models.layers.regularization import DropPath
 from hybrid_attn.models.layers.squeeze_excite import SqueezeExcite
 
 Dtype = Any
-StrideAt = Literal["depthwise", "expand"]
+StrideAt = Literal["depthwise", "expand", "pool"]
+Activation = Callable[[jax.Array], jax.Array]
 
 # EfficientNet / timm initialisation: N(0, 2 / fan_out) for convolutions. For a depthwise
 # kernel [k, k, 1, C] timm's fan_out (k*k*C / groups) equals flax's fan_in (k*k).
@@ -34,24 +36,39 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 class ConvStem(nn.Module):
-    """Stage S0: 3x3 conv stride 2 -> BN -> GELU -> 3x3 conv (no biases).
+    """Stage S0: 3x3 conv stride 2 -> norm -> activation -> 3x3 conv (no biases).
 
-    No normalisation after the second conv: the first pre-norm MBConv block normalises it.
+    No normalisation after the second conv: the first pre-norm block normalises it.
+
+    Attributes:
+      features: output channels.
+      hidden_features: channels of the first conv; None: ``features`` (the paper). timm's
+        rw stems widen in two steps (e.g. 32 then 64).
+      norm: "batch" (BatchNorm), or "layer" (LayerNorm, eps 1e-6: timm's ``coatnext``).
+      activation: GELU (paper); SiLU in timm's rw models.
     """
 
     features: int
+    hidden_features: int | None = None
+    norm: Literal["batch", "layer"] = "batch"
+    activation: Activation = gelu
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        conv = lambda strides, name: nn.Conv(  # noqa: E731
-            self.features, (3, 3), strides, padding=((1, 1), (1, 1)), use_bias=False,
+        conv = lambda features, strides, name: nn.Conv(  # noqa: E731
+            features, (3, 3), strides, padding=((1, 1), (1, 1)), use_bias=False,
             kernel_init=conv_init, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
         )
-        x = conv(2, "conv1")(x)
-        x = gelu(batch_norm(train, self.dtype, self.param_dtype, "norm1")(x))
-        return conv(1, "conv2")(x)
+        x = conv(self.hidden_features or self.features, 2, "conv1")(x)
+        if self.norm == "layer":
+            norm = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
+                                param_dtype=self.param_dtype, name="norm1")
+        else:
+            norm = batch_norm(train, self.dtype, self.param_dtype, "norm1")
+        x = self.activation(norm(x))
+        return conv(self.features, 1, "conv2")(x)
 
 
 class MBConv(nn.Module):
@@ -65,13 +82,22 @@ class MBConv(nn.Module):
     ``strides=2`` the shortcut is 2x2 average pooling then a 1x1 conv, and the residual
     branch strides either its depthwise conv (``stride_at="depthwise"``: the published code
     and timm) or its first 1x1 conv (``"expand"``: the paper's formula, whose FLOPs Table 3
-    reports; the depthwise conv then runs at a quarter of the positions).
+    reports; the depthwise conv then runs at a quarter of the positions), or pools 2x2 after
+    ``BN`` (``"pool"``: some of timm's rw models).
 
     Attributes:
       features: output channels.
       strides: 1, or 2 for the first block of a stage.
       stride_at: where the residual branch downsamples, see above.
       drop_path: stochastic depth rate of the residual branch.
+      expand_input: size the expansion from the block's input width and the SE bottleneck
+        as ``se_ratio`` of the expanded width (timm rw) instead of both from ``features``.
+      pre_norm_act: apply ``activation`` after the pre-norm BN too (timm rw).
+      se_early: SE between ``DWConv``'s conv and its BN instead of after its activation.
+      se_activation: the SE bottleneck's activation (SiLU; ReLU in some timm rw models).
+      output_bias: whether ``Proj`` and the shortcut conv have biases.
+      shortcut_pool: the shortcut's downsampling (2x2 average pooling; timm's ``max``
+        downsampling uses :func:`~hybrid_attn.models.layers.pooling.max_pool3`).
     """
 
     features: int
@@ -81,7 +107,13 @@ class MBConv(nn.Module):
     kernel_size: int = 3
     stride_at: StrideAt = "depthwise"
     drop_path: float = 0.0
-    activation: Callable[[jax.Array], jax.Array] = gelu
+    activation: Activation = gelu
+    expand_input: bool = False
+    pre_norm_act: bool = False
+    se_early: bool = False
+    se_activation: Activation = nn.silu
+    output_bias: bool = True
+    shortcut_pool: Activation = avg_pool2
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -89,27 +121,35 @@ class MBConv(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         if self.strides not in (1, 2):
             raise ValueError(f"MBConv strides must be 1 or 2, got {self.strides}")
-        if self.stride_at not in ("depthwise", "expand"):
-            raise ValueError(f"stride_at must be 'depthwise' or 'expand', got {self.stride_at!r}")
+        if self.stride_at not in ("depthwise", "expand", "pool"):
+            raise ValueError(
+                f"stride_at must be 'depthwise', 'expand' or 'pool', got {self.stride_at!r}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        hidden = int(self.features * self.expand_ratio)
+        bn = lambda name: batch_norm(train, self.dtype, self.param_dtype, name)  # noqa: E731
+        hidden = int((x.shape[-1] if self.expand_input else self.features) * self.expand_ratio)
         s = self.strides
-        expand_s, dw_s = (s, 1) if self.stride_at == "expand" else (1, s)
+        expand_s, dw_s = {"expand": (s, 1), "depthwise": (1, s), "pool": (1, 1)}[self.stride_at]
 
-        shortcut = avg_pool2(x) if s == 2 else x
+        shortcut = self.shortcut_pool(x) if s == 2 else x
         if shortcut.shape[-1] != self.features:
-            shortcut = nn.Conv(self.features, (1, 1), kernel_init=conv_init, name="shortcut",
-                               **kw)(shortcut)
+            shortcut = nn.Conv(self.features, (1, 1), use_bias=self.output_bias,
+                               kernel_init=conv_init, name="shortcut", **kw)(shortcut)
 
-        y = batch_norm(train, self.dtype, self.param_dtype, "pre_norm")(x)
+        y = bn("pre_norm")(x)
+        if self.pre_norm_act:
+            y = self.activation(y)
+        if self.stride_at == "pool" and s == 2:
+            y = avg_pool2(y)
         y = nn.Conv(hidden, (1, 1), expand_s, use_bias=False, kernel_init=conv_init,
                     name="expand_conv", **kw)(y)
-        y = self.activation(batch_norm(train, self.dtype, self.param_dtype, "expand_norm")(y))
+        y = self.activation(bn("expand_norm")(y))
         k, p = self.kernel_size, (self.kernel_size - 1) // 2
         y = nn.Conv(hidden, (k, k), dw_s, padding=((p, p), (p, p)), feature_group_count=hidden,
                     use_bias=False, kernel_init=depthwise_init, name="dw_conv", **kw)(y)
-        y = self.activation(batch_norm(train, self.dtype, self.param_dtype, "dw_norm")(y))
-        y = SqueezeExcite(int(self.se_ratio * self.features), activation=nn.silu, name="se",
-                          **kw)(y)
-        y = nn.Conv(self.features, (1, 1), kernel_init=conv_init, name="project_conv", **kw)(y)
+        se = SqueezeExcite(int(self.se_ratio * (hidden if self.expand_input else self.features)),
+                           activation=self.se_activation, name="se", **kw)
+        y = self.activation(bn("dw_norm")(se(y) if self.se_early else y))
+        y = y if self.se_early else se(y)
+        y = nn.Conv(self.features, (1, 1), use_bias=self.output_bias, kernel_init=conv_init,
+                    name="project_conv", **kw)(y)
         return shortcut + DropPath(self.drop_path)(y, train=train)

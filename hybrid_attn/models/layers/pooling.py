@@ -1,4 +1,5 @@
-"""2x2 average pooling, the downsampling of strided attention and MBConv shortcuts."""
+"""Downsampling pools: 2x2 average pooling (strided attention, MBConv shortcuts) and the
+3x3 stride-2 max pool (timm's ``max`` downsampling)."""
 
 from __future__ import annotations
 
@@ -17,3 +18,9 @@ def avg_pool2(x: jax.Array) -> jax.Array:
     pad = [(0, n % 2) for n in x.shape[1:3]]
     y = nn.avg_pool(x.astype(jnp.float32), (2, 2), (2, 2), padding=pad, count_include_pad=False)
     return y.astype(x.dtype)
+
+
+def max_pool3(x: jax.Array) -> jax.Array:
+    """3x3 max pooling with stride 2 and one pixel of padding on each side (padding never
+    wins), halving an even map: torch's ``MaxPool2d(3, 2, padding=1)``."""
+    return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))

@@ -17,6 +17,7 @@ import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import numpy as np
 from numpy.typing import ArrayLike
 
@@ -43,9 +44,15 @@ class RelativeBias2D(PositionTable):
                 f"{grid.k_stride})"
             )
         (h, w), (rows, cols) = grid.q_hw, (grid.offsets(0), grid.offsets(1))
-        table = self.table(TABLE_NAME, (2 * h - 1, 2 * w - 1, num_heads), self.table_init, grid)
+        table = self.bias_table(grid, num_heads)
         return LogitTerm(functools.partial(bias_logits, rows=h - 1 - rows, cols=w - 1 - cols),
                          (table,))
+
+    def bias_table(self, grid: Grid, num_heads: int) -> jax.Array:
+        """The ``[2H-1, 2W-1, heads]`` table: here a learned parameter (subclasses may
+        compute it, e.g. :class:`~hybrid_attn.models.layers.relative_mlp.RelativeMlp`)."""
+        h, w = grid.q_hw
+        return self.table(TABLE_NAME, (2 * h - 1, 2 * w - 1, num_heads), self.table_init, grid)
 
     @classmethod
     def resize(cls, name: str, table: ArrayLike, shape: tuple[int, ...]) -> np.ndarray:
