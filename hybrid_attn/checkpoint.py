@@ -62,9 +62,10 @@ def is_finite(tree: Any) -> bool:
     return bool(_all_finite(tree))
 
 
-def _leaf_paths(tree: Any) -> list[str]:
+def _layout(tree: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """Sorted (path, shape) of every leaf: what must agree for a restore to fit."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return sorted(sharding.path_string(path) for path, _ in leaves)
+    return sorted((sharding.path_string(path), tuple(leaf.shape)) for path, leaf in leaves)
 
 
 def _describe(meta: dict[str, Any] | None) -> str:
@@ -131,7 +132,7 @@ class Checkpointer:
 
     def _check_same_model(self, step: int, meta: dict, saved_tree: Any, abstract: Any) -> None:
         same_name = meta.get("model_name") == self.meta.get("model_name")
-        if same_name and _leaf_paths(saved_tree) == _leaf_paths(abstract):
+        if same_name and _layout(saved_tree) == _layout(abstract):
             return
         raise CheckpointMismatchError(
             f"{self.directory}/{step} holds a checkpoint of {_describe(meta)}, but this run "
