@@ -32,7 +32,7 @@ the window, e.g. at 224x224.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -97,7 +97,8 @@ class TwinsStage(nn.Module):
       features: stage width.
       depth: number of blocks.
       patch_size: kernel/stride of the patch embedding (4 for stage 1, else 2).
-      num_heads, mlp_ratio, sr_ratio: per-block settings.
+      block: factory of the stage's :class:`TwinsBlock` (heads, MLP ratio, sub-sampling,
+        norms), called with ``window_size``, ``drop_path_rate`` and ``name``.
       window_size: None for PCPVT (GSA everywhere); else SVT, where even blocks use LSA with
         this window and odd blocks GSA. A window of 1 means GSA, as in the published code.
       drop_path_rates: one rate per block.
@@ -106,13 +107,9 @@ class TwinsStage(nn.Module):
     features: int
     depth: int
     patch_size: int
-    num_heads: int
-    mlp_ratio: float
-    sr_ratio: int
+    block: Callable[..., TwinsBlock]
     window_size: int | None = None
-    lsa_mask_padding: bool = True
     drop_path_rates: Sequence[float] = ()
-    norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -123,12 +120,8 @@ class TwinsStage(nn.Module):
         x = PatchEmbed(self.features, self.patch_size, name="patch_embed", **kw)(x)
         for i in range(self.depth):
             local = self.window_size not in (None, 1) and i % 2 == 0
-            x = TwinsBlock(
-                self.num_heads, self.mlp_ratio, self.sr_ratio,
-                window_size=self.window_size if local else None,
-                lsa_mask_padding=self.lsa_mask_padding, drop_path_rate=rates[i],
-                norm_eps=self.norm_eps, name=f"block{i}", **kw,
-            )(x, train=train)
+            x = self.block(window_size=self.window_size if local else None,
+                           drop_path_rate=rates[i], name=f"block{i}")(x, train=train)
             if i == 0:
                 x = PositionEncodingGenerator(name="peg", **kw)(x)
         return x
@@ -185,12 +178,13 @@ class Twins(nn.Module):
         rates = drop_path_rates(self.drop_path_rate, self.depths)
         x = x.astype(self.dtype)
         for k, depth in enumerate(self.depths):
+            block = functools.partial(
+                TwinsBlock, self.num_heads[k], self.mlp_ratios[k], self.sr_ratios[k],
+                lsa_mask_padding=self.lsa_mask_padding, norm_eps=self.norm_eps, **kw)
             x = TwinsStage(
-                self.embed_dims[k], depth, self.patch_sizes[k], self.num_heads[k],
-                self.mlp_ratios[k], self.sr_ratios[k],
+                self.embed_dims[k], depth, self.patch_sizes[k], block,
                 window_size=None if self.window_sizes is None else self.window_sizes[k],
-                lsa_mask_padding=self.lsa_mask_padding, drop_path_rates=rates[k],
-                norm_eps=self.norm_eps, name=f"stage{k + 1}", **kw,
+                drop_path_rates=rates[k], name=f"stage{k + 1}", **kw,
             )(x, train=train)
         x = nn.LayerNorm(epsilon=self.norm_eps, name="norm", **kw)(x)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)

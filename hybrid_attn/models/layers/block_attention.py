@@ -10,30 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax.numpy as jnp
-
 from hybrid_attn.models.layers.attention import Attention, Blocked
 from hybrid_attn.models.layers.relative_bias import RelativeBias2D
 
-Dtype = Any
-
 
 def BlockAttention(  # noqa: N802 -- a constructor, used like the module it returns
-    features: int,
-    head_dim: int = 32,
-    window: int = 7,
-    *,
-    attn_dropout: float = 0.0,
-    dtype: Dtype = jnp.float32,
-    param_dtype: Dtype = jnp.float32,
-    name: str | None = None,
+    features: int, head_dim: int = 32, window: int = 7, **kwargs: Any
 ) -> Attention:
     """Block attention on ``window`` x ``window`` windows (MaxViT: P = 7, head dim 32) with
     ``features // head_dim`` heads; params ``qkv``, ``proj`` and
     ``position/relative_bias_table [2P-1, 2P-1, heads]`` (a map smaller than the window
-    uses one window of the map's size, and so a smaller table)."""
-    return Attention(
-        features=features, head_dim=head_dim, out_features=features,
-        pattern=Blocked(window), position=RelativeBias2D, attn_dropout=attn_dropout,
-        dtype=dtype, param_dtype=param_dtype, name=name,
-    )
+    uses one window of the map's size, and so a smaller table). ``kwargs``: other
+    :class:`Attention` fields (``attn_dropout``, ``dtype``, ``param_dtype``, ``name``)."""
+    return Attention(features=features, head_dim=head_dim, out_features=features,
+                     pattern=Blocked(window), position=RelativeBias2D, **kwargs)

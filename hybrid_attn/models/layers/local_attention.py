@@ -19,12 +19,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import jax.numpy as jnp
-
 from hybrid_attn.models.layers.attention import Attention, Blocked
 from hybrid_attn.models.layers.relative_logits import RelativeEmbedding2D
-
-Dtype = Any
 
 
 def LocalSelfAttention(  # noqa: N802 -- a constructor, used like the module it returns
@@ -33,10 +29,7 @@ def LocalSelfAttention(  # noqa: N802 -- a constructor, used like the module it 
     kernel_size: int = 7,
     block_size: int = 4,
     row_chunk: int | None = 1,
-    *,
-    dtype: Dtype = jnp.float32,
-    param_dtype: Dtype = jnp.float32,
-    name: str | None = None,
+    **kwargs: Any,
 ) -> Attention:
     """SASA's layer: k x k neighbourhoods, ``num_heads`` heads, relative row/column
     embeddings, bias-free q/k/v projections and no output projection.
@@ -45,7 +38,8 @@ def LocalSelfAttention(  # noqa: N802 -- a constructor, used like the module it 
     ``position/rel_col`` ``[k, head_dim/2]`` (:class:`RelativeEmbedding2D`; their size
     depends only on k, so a new resolution needs no resizing). ``block_size`` (largest
     query block side) and ``row_chunk`` (block rows per sequential step, None = all)
-    trade memory for speed and never change the result.
+    trade memory for speed and never change the result. ``kwargs``: other
+    :class:`Attention` fields (``dtype``, ``param_dtype``, ``name``).
     """
     if kernel_size % 2 == 0 or kernel_size < 1:
         raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
@@ -54,5 +48,5 @@ def LocalSelfAttention(  # noqa: N802 -- a constructor, used like the module it 
         pattern=Blocked(block_size, halo=kernel_size // 2, window=kernel_size,
                         row_chunk=row_chunk),
         position=functools.partial(RelativeEmbedding2D, window=kernel_size),
-        dtype=dtype, param_dtype=param_dtype, name=name,
+        **kwargs,
     )
