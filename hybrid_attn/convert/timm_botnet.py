@@ -3,9 +3,9 @@
 
 Covers ByobNets laid out like the paper's models: a ``7x7`` stem with max pool, ``bottle``
 and ``self_attn`` stages with ``conv1x1`` shortcuts, optional SE after the last BatchNorm
-of the convolutional blocks (``attn_last``). timm's pretrained ``botnet26t`` /
-``sebotnet33ts`` / ``botnet50ts`` use tiered 3-conv stems and other stage layouts and are
-rejected (unused or missing tensors are named).
+of the convolutional blocks (``attn_last``). :func:`convert_block` serves every ByobNet
+block, also for :mod:`hybrid_attn.convert.timm_byoanet` (timm's trained tiered-stem BoTNets
+and HaloNets).
 
 timm's ``BottleneckAttn`` defaults to ``scale_pos_embed=False`` (position logits from the
 unscaled query); build the model with ``scale_position_query=False`` for such weights --
@@ -18,34 +18,59 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
+import numpy as np
 
 from hybrid_attn.convert import common
 from hybrid_attn.convert.timm_resnet import put_bn, stage_blocks
 
 
+def convert_attention(sd: Mapping, attn: str) -> dict:
+    """timm's ``BottleneckAttn`` (fused ``qkv``) or ``HaloAttn`` (``q`` and ``kv``, the
+    latter laid out ``[heads, qk + v]`` per head) at ``attn`` -> our ``Attention``'s fused
+    ``qkv`` (``[q, k, v]``, each head-major) and relative tables."""
+    if f"{attn}qkv.weight" in sd:
+        out = {"qkv": common.dense(sd, f"{attn}qkv")}
+    else:
+        q, kv = (common.dense_kernel(sd[f"{attn}{n}.weight"]) for n in ("q", "kv"))
+        dqk = np.shape(sd[f"{attn}pos_embed.height_rel"])[1]
+        kv = kv.reshape(kv.shape[0], q.shape[1] // dqk, -1)  # [in, heads, qk + v]
+        k, v = (t.reshape(kv.shape[0], -1) for t in (kv[..., :dqk], kv[..., dqk:]))
+        out = {"qkv": {"kernel": np.concatenate([q, k, v], axis=1)}}
+    if f"{attn}pos_embed.height_rel" in sd:
+        out["position"] = {
+            "rel_height": common.to_numpy(sd[f"{attn}pos_embed.height_rel"]),
+            "rel_width": common.to_numpy(sd[f"{attn}pos_embed.width_rel"]),
+        }
+    return out
+
+
+def _channel_attention(sd: Mapping, attn: str) -> dict:
+    """timm's SE (``fc1``/``fc2``) or ECA (``conv``, a ``[1, 1, k]`` Conv1d) at ``attn``."""
+    if f"{attn}conv.weight" in sd:
+        return {"conv": {"kernel": np.transpose(common.to_numpy(sd[f"{attn}conv.weight"]))}}
+    return {"reduce": common.dense(sd, f"{attn}fc1"), "expand": common.dense(sd, f"{attn}fc2")}
+
+
 def convert_block(sd: Mapping, prefix: str) -> tuple[dict, dict]:
     """One ByobNet ``bottle`` or ``self_attn`` block at ``prefix`` (ending in ``.``) ->
-    (params, batch_stats) of a :class:`~hybrid_attn.models.resnet.BottleneckBlock`."""
+    (params, batch_stats) of a :class:`~hybrid_attn.models.resnet.BottleneckBlock`: SE/ECA
+    after the 3x3 conv (``attn``) becomes ``channel_attn``, SE after the last BN
+    (``attn_last``) ``se``."""
     p: dict = {"conv1": common.conv(sd, f"{prefix}conv1_1x1.conv")}
     st: dict = {}
     put_bn(p, st, "bn1", sd, f"{prefix}conv1_1x1.bn")
-    if f"{prefix}self_attn.qkv.weight" in sd:
-        attn = f"{prefix}self_attn."
-        p["spatial"] = {"attn": {"qkv": common.dense(sd, f"{attn}qkv")}}
-        if f"{attn}pos_embed.height_rel" in sd:
-            p["spatial"]["attn"]["position"] = {
-                "rel_height": common.to_numpy(sd[f"{attn}pos_embed.height_rel"]),
-                "rel_width": common.to_numpy(sd[f"{attn}pos_embed.width_rel"]),
-            }
+    if f"{prefix}post_attn.weight" in sd:
+        p["spatial"] = {"attn": convert_attention(sd, f"{prefix}self_attn.")}
         put_bn(p, st, "bn2", sd, f"{prefix}post_attn")
     else:
         p["conv2"] = common.conv(sd, f"{prefix}conv2_kxk.conv")
         put_bn(p, st, "bn2", sd, f"{prefix}conv2_kxk.bn")
+    if any(k.startswith(f"{prefix}attn.") for k in sd):
+        p["channel_attn"] = _channel_attention(sd, f"{prefix}attn.")
     p["conv3"] = common.conv(sd, f"{prefix}conv3_1x1.conv")
     put_bn(p, st, "bn3", sd, f"{prefix}conv3_1x1.bn")
     if f"{prefix}attn_last.fc1.weight" in sd:
-        p["se"] = {"reduce": common.dense(sd, f"{prefix}attn_last.fc1"),
-                   "expand": common.dense(sd, f"{prefix}attn_last.fc2")}
+        p["se"] = _channel_attention(sd, f"{prefix}attn_last.")
     if f"{prefix}shortcut.conv.weight" in sd:
         p["shortcut_conv"] = common.conv(sd, f"{prefix}shortcut.conv")
         put_bn(p, st, "shortcut_bn", sd, f"{prefix}shortcut.bn")

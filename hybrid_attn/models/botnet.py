@@ -50,16 +50,20 @@ class BoTAttention(StridedAttention):
       position: "relative" (2-D relative logits), "absolute" or "none" (the ablation).
       scale_position_query: whether the position term sees ``q / sqrt(d)`` (the
         authors' code) rather than the unscaled ``q`` (timm's default).
+      qk_head_dim: query/key width per head if not ``features / num_heads`` (timm's
+        ``dim_head=16`` in ``eca_botnext26ts_256``).
     """
 
     num_heads: int = 4
     position: str = "relative"
     scale_position_query: bool = True
+    qk_head_dim: int | None = None
     even_maps_only: ClassVar[bool] = True
 
     def attention(self) -> Attention:
         return Attention(
-            features=self.features, num_heads=self.num_heads, qkv_bias=False, dtype=self.dtype,
+            features=self.features, num_heads=self.num_heads, qk_head_dim=self.qk_head_dim,
+            qkv_bias=False, dtype=self.dtype,
             position=position_term(self.position, scale_query=self.scale_position_query),
             param_dtype=self.param_dtype, name="attn",
         )

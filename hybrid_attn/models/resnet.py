@@ -45,17 +45,18 @@ StemFactory = Callable[..., nn.Module]
 
 def conv(
     features: int, kernel: int, strides: int = 1, *, name: str, dtype: Dtype,
-    param_dtype: Dtype,
+    param_dtype: Dtype, groups: int = 1,
 ) -> nn.Conv:
-    """A bias-free square conv padded by ``kernel // 2`` on every side.
+    """A bias-free square conv padded by ``kernel // 2`` on every side (``groups`` channel
+    groups: grouped convolution as in ResNeXt).
 
     Symmetric padding (PyTorch's) rather than "SAME": for stride 2 on an even input SAME
     pads (k//2 - 1, k//2), which shifts every output pixel relative to published weights.
     """
     return nn.Conv(
         features, (kernel, kernel), (strides, strides), padding=[(kernel // 2, kernel // 2)] * 2,
-        use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name,
-        kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+        use_bias=False, feature_group_count=groups, dtype=dtype, param_dtype=param_dtype,
+        name=name, kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
     )
 
 
@@ -82,9 +83,14 @@ class BottleneckBlock(nn.Module):
     identity. The shortcut is a strided 1x1 conv + BN whenever the shape changes.
 
     Attributes:
-      features: bottleneck width; the block outputs ``4 * features`` channels.
+      features: bottleneck width; the block outputs ``4 * features`` channels unless
+        ``out_features`` says otherwise (timm's ByobNet sets the output width per stage).
       strides: 1 or 2, carried by the spatial op.
       spatial: None for the 3x3 conv (``conv2``), else a :data:`SpatialFactory`.
+      groups: channel groups of the 3x3 conv (ResNeXt; 1 is a plain conv).
+      mid_attention: a factory of a channel-attention module applied after ``bn2`` and its
+        activation, at the bottleneck width (timm's ByobNet SE / ECA placement); it names
+        the module itself (``functools.partial(SqueezeExcite, ..., name="se")``).
       se_ratio: squeeze-excitation after the last BN with ``se_ratio * 4 * features``
         hidden units and a ReLU inside, as in SE-ResNet and ResNet-RS (0 disables).
       activation: the block's nonlinearity (ReLU; SiLU in BoTNet-S1).
@@ -97,6 +103,9 @@ class BottleneckBlock(nn.Module):
     se_ratio: float = 0.0
     activation: Activation = nn.relu
     drop_path_rate: float = 0.0
+    out_features: int | None = None
+    groups: int = 1
+    mid_attention: Callable[[], nn.Module] | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -104,15 +113,17 @@ class BottleneckBlock(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         bn = functools.partial(batch_norm, train, self.dtype, self.param_dtype)
-        out_features = 4 * self.features
+        out_features = self.out_features or 4 * self.features
         y = conv(self.features, 1, name="conv1", **dt)(x)
         y = self.activation(bn("bn1")(y))
         if self.spatial is None:
-            y = conv(self.features, 3, self.strides, name="conv2", **dt)(y)
+            y = conv(self.features, 3, self.strides, name="conv2", groups=self.groups, **dt)(y)
         else:
             y = self.spatial(features=self.features, strides=self.strides, name="spatial")(
                 y, train=train)
         y = self.activation(bn("bn2")(y))
+        if self.mid_attention is not None:
+            y = self.mid_attention()(y)
         y = conv(out_features, 1, name="conv3", **dt)(y)
         y = bn("bn3", scale_init=nn.initializers.zeros)(y)
         if self.se_ratio > 0:

@@ -25,6 +25,7 @@ sows an :class:`AttentionMap` of its softmax weights; see :mod:`hybrid_attn.mode
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -198,6 +199,10 @@ class Attention(nn.Module):
     Attributes:
       features: q/k/v width (``heads * head_dim``); None: the input's width.
       num_heads / head_dim: exactly one of them; the other follows from ``features``.
+      qk_head_dim: query/key width per head when it differs from the value width
+        ``head_dim`` (timm's ``dim_head`` in its ECA BoTNet / HaloNet); the fused
+        projections are then laid out ``[q: heads * qk_head_dim, k: same, v: heads *
+        head_dim]``, which is ``[3, heads, head_dim]`` when the widths agree.
       out_features: width of the output projection ``proj``; None for no projection
         (BoTNet, SASA: the output is ``features`` wide).
       qkv_bias: whether the q/k/v projections have a bias.
@@ -210,6 +215,7 @@ class Attention(nn.Module):
     features: int | None = None
     num_heads: int | None = None
     head_dim: int | None = None
+    qk_head_dim: int | None = None
     out_features: int | None = None
     qkv_bias: bool = True
     pattern: Pattern = Global()
@@ -227,19 +233,21 @@ class Attention(nn.Module):
         dense = lambda n, name: nn.Dense(  # noqa: E731
             n, use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
+        dqk = self.qk_head_dim or d
+        split = lambda t, *widths: [  # noqa: E731
+            p.reshape(*t.shape[:3], heads, -1)
+            for p in jnp.split(t, list(itertools.accumulate(w * heads for w in widths)), -1)]
         x_q, x_kv = self.pattern.inputs(self, x)
         if x_kv is None:
-            qkv = dense(3 * heads * d, "qkv")(x_q).reshape(*x_q.shape[:3], 3, heads, d)
-            q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+            q, k, v = split(dense(heads * (2 * dqk + d), "qkv")(x_q), dqk, dqk)
         else:
-            q = dense(heads * d, "q")(x_q).reshape(*x_q.shape[:3], heads, d)
-            kv = dense(2 * heads * d, "kv")(x_kv).reshape(*x_kv.shape[:3], 2, heads, d)
-            k, v = kv[..., 0, :, :], kv[..., 1, :, :]
+            (q,) = split(dense(heads * dqk, "q")(x_q))
+            k, v = split(dense(heads * (dqk + d), "kv")(x_kv), dqk)
         layout = self.pattern.layout(q.shape[1:3], k.shape[1:3])
         term = None
         if self.position is not None:
             table = self.position(dtype=self.dtype, param_dtype=self.param_dtype, name="position")
-            term = table(self.pattern.grid(layout), heads, d)
+            term = table(self.pattern.grid(layout), heads, dqk)
         capture = self.is_mutable_collection("attention") and not self.is_initializing()
         dropout = self.attn_dropout if train else 0.0
         out, weights = self.pattern.attend(
@@ -249,9 +257,10 @@ class Attention(nn.Module):
         if capture:
             weights = weights[:, :, :h, :w, :h, :w]  # drops the tokens "zero_tokens" padded
             self.sow("attention", "maps", AttentionMap(
-                weights, "/".join(self.path), self.pattern.kind, (h, w),
+                weights, "/".join(self.path), self.pattern.kind, tuple(weights.shape[2:4]),
                 tuple(weights.shape[4:6]), self.pattern.key_stride))
-        out = out[:, :h, :w].reshape(b, h, w, heads * d)
+        out = out[:, :h, :w]  # a strided pattern returns a smaller map
+        out = out.reshape(*out.shape[:3], heads * d)
         if self.out_features is not None:
             out = nn.Dense(
                 self.out_features, dtype=self.dtype, param_dtype=self.param_dtype, name="proj"
