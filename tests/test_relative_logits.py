@@ -34,7 +34,8 @@ def test_relative_logits_match_brute_force(scale_query):
     rel_h = rng.standard_normal((2 * H - 1, D)).astype(np.float32)
     rel_w = rng.standard_normal((2 * W - 1, D)).astype(np.float32)
     q = _queries()
-    got = _apply(RelativeLogits2D(scale_query=scale_query), q, {"rel_height": rel_h, "rel_width": rel_w})
+    got = _apply(RelativeLogits2D(scale_query=scale_query), q,
+                 {"rel_height": rel_h, "rel_width": rel_w})
     assert got.shape == (2, HEADS, H * W, H * W)
 
     qs = q * D**-0.5 if scale_query else q
