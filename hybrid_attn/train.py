@@ -33,9 +33,9 @@ from clu import metric_writers, metrics, periodic_actions
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from hybrid_attn import checkpoint, evaluate, optim, sharding
+from hybrid_attn import checkpoint, evaluate, finetune, optim, sharding
 from hybrid_attn.data import input_pipeline
-from hybrid_attn.models import get_model, resize_position_tables
+from hybrid_attn.models import get_model
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -315,33 +315,20 @@ def initial_state(
     ``init_checkpoint`` gives weights only (fresh optimizer and step): its EMA weights when
     it kept them (the ones its evaluations reported), else its raw weights. It may come
     from another resolution: position tables are resized for ``image_shape`` (e.g. 224 ->
-    384 fine-tuning).
+    384 fine-tuning); and for another class count: a new head (``finetune.load_pretrained``).
     """
     resumed = ckpt.restore(state)
     if resumed is not None:
         return resumed[0], f"workdir checkpoint at step {resumed[1]}"
     if not init_checkpoint:
         return state, "scratch"
-    loaded = checkpoint.load_variables(init_checkpoint)
-    source = loaded["ema"] or {"params": loaded["params"], "batch_stats": loaded["batch_stats"]}
-    weights = {
-        "params": resize_position_tables(source["params"], model, image_shape),
-        "batch_stats": source["batch_stats"],
-    }
-    target = {"params": state.params, "batch_stats": state.batch_stats}
-    if jax.tree_util.tree_structure(weights) != jax.tree_util.tree_structure(target):
-        raise checkpoint.CheckpointMismatchError(
-            f"init_checkpoint {init_checkpoint} holds the variables of "
-            f"{loaded['meta'].get('model_name', 'another model')}, not of this run's model")
-    weights = jax.tree_util.tree_map(
-        lambda new, old: jax.device_put(jnp.asarray(old, new.dtype), new.sharding),
-        target, weights,
-    )
+    weights, kind = finetune.load_pretrained(
+        init_checkpoint, {"params": state.params, "batch_stats": state.batch_stats},
+        model, image_shape)
     state = state.replace(
         params=weights["params"], batch_stats=weights["batch_stats"],
         ema=_copy(weights) if state.ema is not None else None,
     )
-    kind = "EMA weights" if loaded["ema"] else "weights"
     return state, f"init_checkpoint {init_checkpoint} ({kind}, fresh optimizer)"
 
 
