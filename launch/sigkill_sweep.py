@@ -5,9 +5,9 @@ check that nothing is lost and the result is bit-identical to an uninterrupted r
 
 1. An uninterrupted reference run saves a checkpoint every ``--every`` steps (all kept).
 2. The swept run is started in its own workdir and killed with SIGKILL after a uniform
-   random delay in [0, the reference's wall time] (so kills land in imports, compilation,
-   steps, async saves and evaluation), then restarted, ``--kills`` times, and finally run
-   to completion.
+   random delay in [0, half the reference's wall time] (so kills land in imports,
+   compilation, steps and async saves), then restarted, ``--kills`` times, and finally
+   run to completion. A run that ends before its kill starts over in a fresh workdir.
 3. Reported: resumes that worked (each restart started from the newest checkpoint that
    was committed when the previous process died), checkpoints lost (committed before a
    kill, missing or unreadable afterwards), and checkpoints bit-equal to the reference's
@@ -49,7 +49,7 @@ def command(args: argparse.Namespace, workdir: str) -> list[str]:
 
 def start(args: argparse.Namespace, workdir: str, log: str) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
-           "JAX_COMPILATION_CACHE_DIR": os.path.join(args.out, "jax_cache")}
+           "JAX_COMPILATION_CACHE_DIR": args.out.rstrip("/") + "_jax_cache"}
     with open(log, "wb") as f:
         return subprocess.Popen(command(args, workdir), env=env, stdout=f,
                                 stderr=subprocess.STDOUT, cwd=REPO)
@@ -105,7 +105,7 @@ def main() -> int:
         log = os.path.join(args.out, f"run{attempt:02d}.log")
         attempt += 1
         proc = start(args, swept, log)
-        delay = rng.uniform(0, ref_time)
+        delay = rng.uniform(0, ref_time / 2)
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
