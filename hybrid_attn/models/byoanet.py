@@ -138,9 +138,9 @@ class ByoaNet(nn.Module):
     stem_width: int = 64
     stem_pool: bool = True
     activation: Activation = nn.relu
+    drop_path_rate: float = 0.0
     channel_attention: str | None = None
     num_features: int = 0
-    drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
