@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from conftest import count_scalars
 
-from hybrid_attn.convert import timm_coatnet
+from hybrid_attn.convert import common, from_timm, timm_coatnet
+from hybrid_attn.convert.pretrained import import_timm
 from hybrid_attn.models import get_model
 from hybrid_attn.models.layers.relative_mlp import log_offsets
 
@@ -94,15 +95,25 @@ def test_parameter_counts_match_timm(timm_name):
 
 
 def test_train_mode_updates_transformer_batch_norms():
-    """``bn_0``'s transformer BatchNorms are ``batch_stats`` like the MBConv ones."""
-    model, x = _reduced("bn_0_rw"), jnp.zeros((2, 64, 64, 3))
-    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
-    assert set(variables["batch_stats"]["stage3"]["block0"]) == {"norm1", "norm2"}
-    assert set(variables["batch_stats"]) >= {"stem", "stage1", "norm"}
-    _, state = jax.eval_shape(lambda v: model.apply(
-        v, x, train=True, mutable=["batch_stats"]), variables)
-    assert (jax.tree_util.tree_structure(state["batch_stats"])
-            == jax.tree_util.tree_structure(variables["batch_stats"]))
+    """``bn_0``'s transformer and final BatchNorms are ``batch_stats`` like the MBConv ones,
+    and a train step (drop path on) traces for it and for the ConvNeXt model."""
+    x = jnp.zeros((2, 64, 96, 3))
+    for case in ("bn_0_rw", "coatnext_nano_rw"):
+        model = _reduced(case).clone(drop_path_rate=0.2, dtype=jnp.bfloat16)
+        variables = jax.eval_shape(lambda m=model: m.init(jax.random.PRNGKey(0), x, train=False))
+        logits, state = jax.eval_shape(lambda v, m=model: m.apply(
+            v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(1)}),
+            variables)
+        assert logits.dtype == jnp.float32
+        assert (jax.tree_util.tree_structure(state.get("batch_stats"))
+                == jax.tree_util.tree_structure(variables.get("batch_stats")))
+    assert "batch_stats" not in variables  # coatnext: LayerNorms only
+    common.check_shapes(timm_coatnet.convert(_state_dict("coatnext_nano_rw"), model,
+                                             image_shape=x.shape), variables)
+    stats = jax.eval_shape(lambda: _reduced("bn_0_rw").init(
+        jax.random.PRNGKey(0), x, train=False))["batch_stats"]
+    assert set(stats["stage3"]["block0"]) == {"norm1", "norm2"}
+    assert set(stats) == {"stem", "stage1", "stage2", "stage3", "stage4", "norm"}
 
 
 def test_converter_rejects_unmapped_tensors():
@@ -111,3 +122,22 @@ def test_converter_rejects_unmapped_tensors():
     with pytest.raises(ValueError, match=r"no place in CoAtNet \(1\):\s+stages\.2\.blocks\.0"
                                          r"\.attn\.extra\.weight"):
         timm_coatnet.convert(sd, model, image_shape=(1, 64, 96, 3))
+
+
+def test_from_timm_imports_through_the_name_table():
+    """``from_timm`` with timm's name and tag (reduced sizes as overrides) gives the golden's
+    logits; the weight tag picks timm's preprocessing for those weights."""
+    s = CONFIG["sizes"]
+    sizes = dict(depths=tuple(s["depths"]), widths=tuple(s["embed_dim"]),
+                 stem_widths=tuple(s["stem_width"]), head_dim=s["dim_head"],
+                 rel_pos_dim=s["rel_pos_dim"])
+    model, variables = from_timm("coatnet_rmlp_1_rw_224.sw_in1k", _state_dict("rmlp_1_rw"),
+                                 **sizes)
+    x = GOLDEN["input"].astype(np.float32)
+    np.testing.assert_allclose(_logits(model, variables, x), GOLDEN["rmlp_1_rw/logits"],
+                               rtol=1e-4, atol=1e-4)
+    meta = import_timm("coatnet_rmlp_2_rw_384", _state_dict("rmlp_2_rw"), **sizes).meta
+    assert meta["model_name"] == "coatnet_rmlp_2_rw_384"
+    assert meta["preprocessing"]["input_size"] == [3, 384, 384]
+    assert meta["preprocessing"]["crop_mode"] == "squash"
+    assert meta["num_classes"] == s["num_classes"]

@@ -196,4 +196,5 @@ def convert(
     params["head"] = common.dense(sd, "head.fc")
 
     sd.check_all_used("CoAtNet")
-    return {"params": params, "batch_stats": {k: v for k, v in stats.items() if v}}
+    stats = {k: v for k, v in stats.items() if v}
+    return {"params": params, "batch_stats": stats} if stats else {"params": params}
