@@ -48,8 +48,22 @@ def convert_file(timm_name: str, checkpoint_file: str, workdir: str,
     return str(ckpt.directory / "0")
 
 
+def one_line(error: Exception) -> str:
+    """The error's message on one line: a list of problems becomes its first entry and how
+    many more there are."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(error).__name__
+    more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+    return f"{lines[0]} {lines[1]}{more}"
+
+
 def main(argv: list[str]) -> None:
+    from absl import logging
+
     from hybrid_attn import checkpoint
+
+    logging.set_verbosity(logging.WARNING)
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -60,7 +74,7 @@ def main(argv: list[str]) -> None:
         path = convert_file(FLAGS.timm, FLAGS.checkpoint, FLAGS.workdir, overrides)
     except (ValueError, FileNotFoundError, io.MissingTorchError,
             checkpoint.NonFiniteStateError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     print(f"Wrote {path} ({FLAGS.timm}). Fine-tune with --config.init_checkpoint={path}; "
           f"predict with python -m hybrid_attn.predict --checkpoint {path} IMAGE...")
