@@ -18,7 +18,7 @@ Quick start (CPU, no download): --config=configs/botnet50.py:digits trains the s
            full-size model on the embedded digits for 14 epochs (the relative tables are
            sized for the 32x32 input: 2x2 and 1x1 maps in c5). Measured on 2 CPU cores:
            98.6% test accuracy in 5.3 minutes (8 epochs gave 96.7%).
-Arguments: digits | res=N | batch=N | epochs=X | steps=N | bf16  (see config_lib.build).
+Arguments: digits | res=N | batch=N | epochs=X | steps=N | bf16  (see config_lib.apply_args).
 """
 
 import ml_collections
@@ -27,9 +27,9 @@ from hybrid_attn import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return config_lib.build(
-        arg,
-        model_name="botnet50",
-        recipe=config_lib.RESNET_90_EPOCHS,
-        digits_epochs=14.0,
-    )
+    a = config_lib.parse_arg(arg, **config_lib.STANDARD_ARGS)
+    family = config_lib.load_family(__file__, "common_resnet")
+    c = family.imagenet("botnet50")
+    if a.digits:
+        config_lib.digits(c, epochs=14.0)
+    return config_lib.apply_args(c, a)

@@ -14,7 +14,7 @@ Hardware:  a TPU v3-128 slice or 32 A100s; roughly 16 hours for 350 epochs.
 Quick start (CPU, no download): --config=configs/botnet_s1_t3.py:digits trains the same
            full-size model on the embedded digits (32x32 input) for 14 epochs, the
            length measured for botnet50 (98.6%); not timed for the S1 models.
-Arguments: digits | res=N | batch=N | epochs=X | steps=N | bf16  (see config_lib.build).
+Arguments: digits | res=N | batch=N | epochs=X | steps=N | bf16  (see config_lib.apply_args).
 """
 
 import ml_collections
@@ -23,13 +23,10 @@ from hybrid_attn import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return config_lib.build(
-        arg,
-        model_name="botnet_s1_t3",
-        res=224,
-        recipe=config_lib.BOTNET_S1_350_EPOCHS,
-        model={"drop_path_rate": 0.0},
-        data={"randaugment_magnitude": 10},
-        digits_model={"drop_path_rate": 0.0},
-        digits_epochs=14.0,
-    )
+    a = config_lib.parse_arg(arg, **config_lib.STANDARD_ARGS)
+    family = config_lib.load_family(__file__, "common_botnet_s1")
+    c = family.imagenet("botnet_s1_t3", res=224, randaugment_magnitude=10, drop_path_rate=0.0)
+    if a.digits:
+        config_lib.digits(c, epochs=14.0)
+        c.model.drop_path_rate = 0.0
+    return config_lib.apply_args(c, a)

@@ -10,7 +10,7 @@ Hardware:  a TPU v3-128 / v4-64 slice or 32 A100s; roughly 1 day for 300 epochs.
 Quick start (CPU, no download): --config=configs/coatnet0.py:digits trains the same
            full-size model on the embedded digits and reaches >=97% test accuracy in
            under 15 minutes on 2 cores.
-Arguments: digits | res=N | batch=N | epochs=X | steps=N | bf16  (see config_lib.build).
+Arguments: digits | res=N | batch=N | epochs=X | steps=N | bf16  (see config_lib.apply_args).
 """
 
 import ml_collections
@@ -19,9 +19,10 @@ from hybrid_attn import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return config_lib.build(
-        arg,
-        model_name="coatnet_0",
-        model={"drop_path_rate": 0.2},
-        digits_model={"drop_path_rate": 0.1},
-    )
+    a = config_lib.parse_arg(arg, **config_lib.STANDARD_ARGS)
+    family = config_lib.load_family(__file__, "common_coatnet")
+    c = family.imagenet("coatnet_0", drop_path_rate=0.2)
+    if a.digits:
+        config_lib.digits(c, epochs=8.0)
+        c.model.drop_path_rate = 0.1
+    return config_lib.apply_args(c, a)

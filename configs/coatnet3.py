@@ -14,7 +14,7 @@ Fine-tune: --config=configs/coatnet3.py:res=384
            them (hybrid_attn.models.resize_position_tables), nothing to do by hand.
 Quick start (CPU, no download): --config=configs/coatnet3.py:digits trains the same
            full-size model on the embedded digits; about 8x slower than CoAtNet-0's.
-Arguments: digits | res=N | batch=N | epochs=X | steps=N | bf16  (see config_lib.build).
+Arguments: digits | res=N | batch=N | epochs=X | steps=N | bf16  (see config_lib.apply_args).
 """
 
 import ml_collections
@@ -23,9 +23,10 @@ from hybrid_attn import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return config_lib.build(
-        arg,
-        model_name="coatnet_3",
-        model={"drop_path_rate": 0.7},
-        digits_model={"drop_path_rate": 0.1},
-    )
+    a = config_lib.parse_arg(arg, **config_lib.STANDARD_ARGS)
+    family = config_lib.load_family(__file__, "common_coatnet")
+    c = family.imagenet("coatnet_3", drop_path_rate=0.7)
+    if a.digits:
+        config_lib.digits(c, epochs=8.0)
+        c.model.drop_path_rate = 0.1
+    return config_lib.apply_args(c, a)

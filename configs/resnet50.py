@@ -10,7 +10,7 @@ Command:   python -m hybrid_attn.main --config=configs/resnet50.py --workdir=WOR
 Hardware:  a TPU v3-32 slice or 8 A100s; roughly 8 hours for 90 epochs.
 Quick start (CPU, no download): --config=configs/resnet50.py:digits trains the same
            full-size model on the embedded digits for 14 epochs, like botnet50.
-Arguments: digits | res=N | batch=N | epochs=X | steps=N | bf16  (see config_lib.build).
+Arguments: digits | res=N | batch=N | epochs=X | steps=N | bf16  (see config_lib.apply_args).
 """
 
 import ml_collections
@@ -19,9 +19,9 @@ from hybrid_attn import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return config_lib.build(
-        arg,
-        model_name="resnet50",
-        recipe=config_lib.RESNET_90_EPOCHS,
-        digits_epochs=14.0,
-    )
+    a = config_lib.parse_arg(arg, **config_lib.STANDARD_ARGS)
+    family = config_lib.load_family(__file__, "common_resnet")
+    c = family.imagenet("resnet50")
+    if a.digits:
+        config_lib.digits(c, epochs=14.0)
+    return config_lib.apply_args(c, a)

@@ -23,7 +23,7 @@ Quick start (CPU, no download): --config=configs/sasa_resnet38.py:digits trains 
            after the stem, each attention map one block, so ``block_size=8`` with no row
            loop is fastest; these knobs never change the result). Measured for
            SASA-ResNet-26 on 2 CPU cores: 97.8% test accuracy in under 10 minutes.
-Arguments: digits | res=N | batch=N | epochs=X | steps=N | bf16  (see config_lib.build).
+Arguments: digits | res=N | batch=N | epochs=X | steps=N | bf16  (see config_lib.apply_args).
            ``--config.model_name=sasa_resnet38_convstem`` trains the conv-stem variant.
 """
 
@@ -33,11 +33,11 @@ from hybrid_attn import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return config_lib.build(
-        arg,
-        model_name="sasa_resnet38",
-        recipe=config_lib.RESNET_90_EPOCHS,
-        optim={"ema_decay": 0.9999},
-        digits_model={"block_size": 8, "row_chunk": None},
-        digits_epochs=30.0,
-    )
+    a = config_lib.parse_arg(arg, **config_lib.STANDARD_ARGS)
+    family = config_lib.load_family(__file__, "common_resnet")
+    c = family.imagenet("sasa_resnet38", ema_decay=0.9999)
+    if a.digits:
+        config_lib.digits(c, epochs=30.0)
+        c.model.block_size = 8
+        c.model.row_chunk = None
+    return config_lib.apply_args(c, a)

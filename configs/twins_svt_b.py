@@ -15,7 +15,7 @@ Quick start (CPU, no download): --config=configs/twins_svt_b.py:digits trains th
            full-size model on the embedded digits at 32x32 (the smallest input Twins
            takes) for 50 epochs. Measured for twins_svt_s on 2 CPU cores: 98.3% test
            accuracy in 7.7 minutes (30 epochs gave 96.9%).
-Arguments: digits | res=N | batch=N | epochs=X | steps=N | bf16  (see config_lib.build).
+Arguments: digits | res=N | batch=N | epochs=X | steps=N | bf16  (see config_lib.apply_args).
            Any resolution works without resizing anything (no position tables).
 """
 
@@ -25,11 +25,10 @@ from hybrid_attn import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return config_lib.build(
-        arg,
-        model_name="twins_svt_b",
-        recipe=config_lib.TWINS_300_EPOCHS,
-        model={"drop_path_rate": 0.3},
-        digits_model={"drop_path_rate": 0.1},
-        digits_epochs=50.0,
-    )
+    a = config_lib.parse_arg(arg, **config_lib.STANDARD_ARGS)
+    family = config_lib.load_family(__file__, "common_twins")
+    c = family.imagenet("twins_svt_b", drop_path_rate=0.3)
+    if a.digits:
+        config_lib.digits(c, epochs=50.0)
+        c.model.drop_path_rate = 0.1
+    return config_lib.apply_args(c, a)

@@ -1,21 +1,26 @@
 """Exact evaluation over a whole split: every example once (the pipeline pads the last
-batch and marks padding with ``mask``), also usable on its own from a checkpoint::
+batch and marks padding with ``mask``), also usable on its own from a checkpoint, in code
+(``evaluate_checkpoint(config, workdir)``) or from the shell::
 
     python -m hybrid_attn.evaluate --config=configs/coatnet0.py:digits --workdir=runs/x
 """
-
 
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import flax
 import jax
+import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from clu import metrics
+from etils import epath
 from jax.sharding import Mesh
 
-from hybrid_attn import sharding
+from hybrid_attn import checkpoint, config_lib, sharding
+from hybrid_attn.data import input_pipeline
+from hybrid_attn.models.build import build_model
 
 
 @flax.struct.dataclass
@@ -70,29 +75,57 @@ def eval_variables(params: Any, batch_stats: Any, ema: Any = None) -> dict[str, 
     return variables
 
 
-def main(argv: list[str]) -> None:
-    """Evaluates the newest (or ``--step``) checkpoint of ``--workdir`` on ``--split``."""
-    from absl import logging
-
-    from hybrid_attn import checkpoint
-    from hybrid_attn.data import input_pipeline
-    from hybrid_attn.train import build_model
-
-    del argv
-    config = FLAGS.config
-    input_cfg = input_pipeline.InputConfig.from_config(config.data)
-    split = FLAGS.split or input_cfg.eval_split
-    ckpt_dir = checkpoint.resolve(FLAGS.workdir) / "checkpoints"
+def find_checkpoint(workdir_or_checkpoint: str, step: int | None = None) -> epath.Path:
+    """The checkpoint to read: ``workdir_or_checkpoint`` itself when it is a
+    ``<workdir>/checkpoints/<step>`` directory, else the workdir's newest committed step
+    (or ``step``), as orbax lists them (uncommitted temporary saves are not steps)."""
+    path = checkpoint.resolve(workdir_or_checkpoint.rstrip("/"))
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        if step is not None and step != int(path.name):
+            raise ValueError(f"{path} is step {path.name}, not the requested step {step}")
+        return path
+    directory = path / "checkpoints"
     steps = []
-    if ckpt_dir.exists():
-        steps = [int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()]
-    step = FLAGS.step if FLAGS.step >= 0 else max(steps, default=None)
+    if directory.exists():
+        options = ocp.CheckpointManagerOptions(read_only=True)
+        with ocp.CheckpointManager(directory, options=options) as manager:
+            steps = list(manager.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"No checkpoint in {directory}: train first with "
+                                "hybrid_attn.main, or pass a <workdir>/checkpoints/<step> path")
     if step is None:
-        raise SystemExit(f"No checkpoint in {ckpt_dir}: train first with hybrid_attn.main")
-    loaded = checkpoint.load_variables(str(ckpt_dir / str(step)))
+        return directory / str(max(steps))
+    if step not in steps:
+        raise FileNotFoundError(f"No step {step} in {directory}; saved steps: {sorted(steps)}")
+    return directory / str(step)
+
+
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict,
+    workdir_or_checkpoint: str,
+    *,
+    split: str | None = None,
+    step: int | None = None,
+) -> dict[str, Any]:
+    """Evaluates a saved run of ``config``'s model on ``split`` (default: the config's
+    eval split) with the weights its own evaluations used (the EMA ones when kept).
+
+    ``workdir_or_checkpoint`` is a training workdir (its newest step, or ``step``) or one
+    ``<workdir>/checkpoints/<step>`` directory. Returns ``accuracy``, ``loss``,
+    ``num_examples`` (the split size), ``step`` and ``split``.
+    """
+    config_lib.check(config)
+    input_cfg = input_pipeline.InputConfig.from_config(config.data)
+    split = split or input_cfg.eval_split
+    path = find_checkpoint(workdir_or_checkpoint, step)
+    loaded = checkpoint.load_variables(str(path))
+    saved_model = loaded["meta"].get("model_name")
+    if saved_model not in (None, config.model_name):
+        raise checkpoint.CheckpointMismatchError(
+            f"{path} holds a checkpoint of {saved_model}, but the config is of "
+            f"{config.model_name}: pass that model's config")
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-    model = build_model(config)
     variables = jax.device_put(
         eval_variables(loaded["params"], loaded["batch_stats"], loaded["ema"]),
         sharding.replicated(mesh),
@@ -100,9 +133,20 @@ def main(argv: list[str]) -> None:
     batches = input_pipeline.eval_iterator(
         input_cfg, split, global_batch_size=config.eval_batch_size
     )
-    result = evaluate(make_eval_step(model), variables, batches, mesh)
-    logging.info("Checkpoint step %d, split %r: %s", step, split, result)
-    print(f"step {step} {split}: accuracy {result['accuracy']:.4f} "
+    result = evaluate(make_eval_step(build_model(config)), variables, batches, mesh)
+    return {**result, "step": int(path.name), "split": split}
+
+
+def main(argv: list[str]) -> None:
+    """CLI: evaluates the newest (or ``--step``) checkpoint of ``--workdir`` on ``--split``."""
+    from absl import flags, logging
+
+    del argv
+    flag = flags.FLAGS
+    result = evaluate_checkpoint(flag.config, flag.workdir, split=flag.split or None,
+                                 step=None if flag.step < 0 else flag.step)
+    logging.info("Checkpoint step %d, split %r: %s", result["step"], result["split"], result)
+    print(f"step {result['step']} {result['split']}: accuracy {result['accuracy']:.4f} "
           f"loss {result['loss']:.4f} over {result['num_examples']} examples")
 
 
@@ -110,9 +154,8 @@ if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
 
-    FLAGS = flags.FLAGS
     config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+    flags.DEFINE_string("workdir", None, "Training workdir, or one <workdir>/checkpoints/<step>.")
     flags.DEFINE_string("split", "", "Split to evaluate (default: the config's eval split).")
     flags.DEFINE_integer("step", -1, "Checkpoint step (default: newest).")
     flags.mark_flags_as_required(["config", "workdir"])

@@ -3,47 +3,62 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax
-import ml_collections
 import optax
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """Typed view of ``config.optim`` (see ``config_lib.base_config`` for meanings)."""
+    """Typed view of ``config.optim``; these defaults are the config's (``config_lib``)."""
 
-    name: str = "adamw"
-    learning_rate: float = 1e-3
+    name: str = "adamw"  # adamw | sgd
+    learning_rate: float = 1e-3  # peak, for the config's global batch_size
     end_learning_rate: float = 1e-5
-    schedule: str = "cosine"
+    schedule: str = "cosine"  # cosine | linear | constant
     warmup_steps: int = 0
-    weight_decay: float = 0.05
+    warmup_epochs: float = -1.0  # > 0 overrides warmup_steps (resolved by from_config)
+    weight_decay: float = 0.05  # decoupled; which leaves decay: see decay_mask
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
-    momentum: float = 0.9
-    nesterov: bool = True
-    grad_clip_norm: float = 1.0
-    ema_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = True  # sgd only
+    grad_clip_norm: float = 1.0  # <= 0 disables
+    ema_decay: float = 0.0  # > 0 keeps an EMA of the parameters, used for evaluation
+
+    def __post_init__(self) -> None:
+        checks = {
+            "name adamw or sgd": self.name in ("adamw", "sgd"),
+            "schedule cosine, linear or constant": self.schedule in (
+                "cosine", "linear", "constant"),
+            "learning_rate > 0": self.learning_rate > 0,
+            "end_learning_rate >= 0": self.end_learning_rate >= 0,
+            "warmup_steps >= 0": self.warmup_steps >= 0,
+            "weight_decay >= 0": self.weight_decay >= 0,
+            "0 <= b1 < 1": 0 <= self.b1 < 1,
+            "0 <= b2 < 1": 0 <= self.b2 < 1,
+            "eps > 0": self.eps > 0,
+            "0 <= momentum < 1": 0 <= self.momentum < 1,
+            "0 <= ema_decay < 1": 0 <= self.ema_decay < 1,
+        }
+        failed = [rule for rule, ok in checks.items() if not ok]
+        if failed:
+            raise ValueError(f"Invalid optim config: need {'; '.join(failed)} (got {self})")
 
     @classmethod
-    def from_config(cls, c: ml_collections.ConfigDict, steps_per_epoch: int) -> OptimConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
+    def from_config(cls, c: Mapping[str, Any], steps_per_epoch: int) -> OptimConfig:
+        """From ``config.optim``, ``warmup_epochs`` (when > 0) turned into
+        ``warmup_steps``; unknown keys and invalid values raise ValueError."""
         values = c.to_dict() if hasattr(c, "to_dict") else dict(c)
-        unknown = sorted(set(values) - fields - {"warmup_epochs"})
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
         if unknown:
             raise ValueError(f"Unknown optim config keys {unknown}; valid: {sorted(fields)}")
-        values = {k: v for k, v in values.items() if k in fields}
-        if c.get("warmup_epochs", -1.0) > 0:
-            values["warmup_steps"] = int(round(c.warmup_epochs * steps_per_epoch))
-        if values["name"] not in ("adamw", "sgd"):
-            raise ValueError(f"optim.name must be 'adamw' or 'sgd', got {values['name']!r}")
-        if values["schedule"] not in ("cosine", "linear", "constant"):
-            raise ValueError(
-                f"optim.schedule must be cosine, linear or constant, got {values['schedule']!r}"
-            )
+        if values.get("warmup_epochs", -1.0) > 0:
+            values["warmup_steps"] = int(round(values["warmup_epochs"] * steps_per_epoch))
         return cls(**values)
 
 
@@ -66,14 +81,22 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     )
 
 
-def decay_mask(params: Any) -> Any:
-    """True only for Dense/Conv ``kernel`` leaves: norms, biases and position tables
-    (relative bias tables, relative/absolute embeddings) are not weight-decayed."""
-    def is_kernel(path, leaf) -> bool:
-        name = getattr(path[-1], "key", None)
-        return name == "kernel" and leaf.ndim >= 2
+# The weight-decay rule, declared once: matrices and kernels (ndim >= 2) decay; vectors
+# (norm scales, biases) and every leaf under a scope named in NO_DECAY_SCOPES do not.
+# ``position`` is where every attention position term lives (``.../attn/position/...``:
+# relative bias tables, relative-logit and absolute embeddings), so tables never decay.
+NO_DECAY_SCOPES = frozenset({"position"})
 
-    return jax.tree_util.tree_map_with_path(is_kernel, params)
+
+def decays(path: tuple, leaf: Any) -> bool:
+    """Whether the parameter at ``path`` (a jax key path) is weight-decayed."""
+    scopes = {str(getattr(k, "key", getattr(k, "name", k))) for k in path}
+    return leaf.ndim >= 2 and not scopes & NO_DECAY_SCOPES
+
+
+def decay_mask(params: Any) -> Any:
+    """The :func:`decays` rule over a parameter tree (optax's ``mask``)."""
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:

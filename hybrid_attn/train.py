@@ -33,11 +33,9 @@ from clu import metric_writers, metrics, periodic_actions
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from hybrid_attn import checkpoint, evaluate, finetune, optim, sharding
+from hybrid_attn import checkpoint, config_lib, evaluate, finetune, optim, sharding
 from hybrid_attn.data import input_pipeline
-from hybrid_attn.models import get_model
-
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from hybrid_attn.models.build import build_model
 
 
 @flax.struct.dataclass
@@ -115,20 +113,6 @@ def actions_for_step(
         log=every(log_every) or last or stop_requested,
         evaluate=every(eval_every) or last,
         checkpoint=every(checkpoint_every) or last or stop_requested,
-    )
-
-
-def build_model(config: ml_collections.ConfigDict) -> nn.Module:
-    """The config's model with its class count and compute dtype (parameters stay float32)."""
-    if config.compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(
-            f"compute_dtype must be one of {list(COMPUTE_DTYPES)}, got {config.compute_dtype!r}"
-        )
-    return get_model(
-        config.model_name,
-        num_classes=config.data.num_classes,
-        dtype=COMPUTE_DTYPES[config.compute_dtype],
-        **config.model.to_dict(),
     )
 
 
@@ -340,6 +324,7 @@ def _copy(tree: Any) -> Any:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the
     final evaluation metrics on the config's eval split."""
+    config_lib.check(config)  # bad values fail here in one line, before any work
     sharding_cfg = sharding.ShardingConfig.from_config(config.get("sharding"))
     mesh = sharding.make_mesh(fsdp=sharding_cfg.fsdp)
     grad_accum_steps = config.get("grad_accum_steps", 1)

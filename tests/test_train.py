@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import load_config
 
-from hybrid_attn import config_lib, optim, sharding, train
+from hybrid_attn import optim, sharding, train
 
 
 class TinyNet(nn.Module):
@@ -107,7 +108,7 @@ def test_batch_size_must_split_over_devices():
 
 
 def _digits_config(data_dir: str):
-    c = config_lib.build("digits,steps=6", model_name="unused")
+    c = load_config("coatnet0", "digits,steps=6")
     c.data.data_dir = data_dir
     c.data.image_size = 16
     c.batch_size, c.eval_batch_size = 32, 64
@@ -206,7 +207,7 @@ def test_init_checkpoint_from_another_resolution_resizes_tables(tmp_path):
 
 
 def test_bf16_switch_keeps_float32_parameters_and_logits():
-    c = config_lib.build("digits,bf16", model_name="coatnet_0")
+    c = load_config("coatnet0", "digits,bf16")
     c.model.update(depths=(1, 1, 1, 1), widths=(8, 8, 16, 16), stem_width=8, head_dim=8)
     model = train.build_model(c)
     assert model.dtype == jnp.bfloat16

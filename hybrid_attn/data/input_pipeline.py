@@ -34,7 +34,7 @@ class DatasetNotPreparedError(FileNotFoundError):
 
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
-    """Typed copy of ``config.data`` (see ``config_lib.base_config`` for the meaning of each key).
+    """Typed copy of ``config.data`` (its defaults are the config's: ``config_lib.defaults``).
 
     ``cache`` keeps the decoded training images in memory (for small datasets like digits).
     """
