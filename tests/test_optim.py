@@ -1,0 +1,79 @@
+"""The optimiser's weight-decay rule on real models' parameter trees, and that decay
+reaches exactly the leaves the rule names."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from hybrid_attn import optim, sharding
+from hybrid_attn.models import get_model
+
+# Small variants of each family with a position term, and the input they take.
+MODELS = {
+    "coatnet": (dict(name="coatnet_0", depths=(1, 1, 1, 1), widths=(8, 8, 16, 16),
+                     stem_width=8, head_dim=8), 32),
+    "botnet": (dict(name="botnet50", width=8), 64),
+    "sasa": (dict(name="sasa_resnet26", width=16), 32),
+    "twins": (dict(name="twins_svt_s"), 32),
+}
+
+
+def _params(kwargs, res):
+    kwargs = dict(kwargs)
+    model = get_model(kwargs.pop("name"), num_classes=5, **kwargs)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3)),
+                                             train=False))["params"]
+
+
+def _expected(path: str) -> bool:
+    """The rule written out by kind of parameter, independently of ndim."""
+    parts = path.split("/")
+    if "position" in parts:  # relative bias tables, relative / absolute embeddings
+        return False
+    if parts[-1] in ("bias", "scale"):  # biases, norm scales
+        return False
+    if parts[-1] in ("kernel", "value"):  # conv / dense kernels, the SASA stem's values
+        return True
+    raise AssertionError(f"{path}: a parameter kind the rule does not declare")
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_decay_mask_follows_the_declared_rule(family):
+    params = _params(*MODELS[family])
+    mask = optim.decay_mask(params)
+    leaves = jax.tree_util.tree_flatten_with_path(mask)[0]
+    got = {sharding.path_string(p): bool(m) for p, m in leaves}
+    assert got == {path: _expected(path) for path in got}
+    assert any(got.values()) and not all(got.values())
+    if family != "twins":  # every position term sits under .../position/... and never decays
+        assert any("/position/" in p or p.startswith("position/") for p in got)
+    if family == "sasa":
+        assert got["stem/value"]
+
+
+def test_only_the_masked_leaves_decay():
+    """One AdamW step with zero gradients moves a leaf by -lr * wd * leaf where it decays,
+    and not at all elsewhere."""
+    params = {"dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,))},
+              "norm": {"scale": jnp.ones((4,))},
+              "attn": {"position": {"relative_bias_table": jnp.ones((3, 3, 2))}}}
+    cfg = optim.OptimConfig(learning_rate=0.1, weight_decay=0.5, grad_clip_norm=0.0)
+    tx = optim.make_optimizer(cfg, optax.constant_schedule(cfg.learning_rate))
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(new["dense"]["kernel"], 1 - 0.1 * 0.5)
+    for leaf in (new["dense"]["bias"], new["norm"]["scale"],
+                 new["attn"]["position"]["relative_bias_table"]):
+        np.testing.assert_array_equal(leaf, 1.0)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_invalid_learning_rate_is_a_one_line_error(name):
+    """Before: learning_rate=0 reached make_schedule's end/peak ratio (ZeroDivisionError)."""
+    for lr in (0.0, -1.0):
+        with pytest.raises(ValueError, match="need learning_rate > 0") as e:
+            optim.OptimConfig.from_config({"name": name, "learning_rate": lr}, 10)
+        assert "\n" not in str(e.value)
