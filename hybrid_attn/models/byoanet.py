@@ -24,7 +24,8 @@ How they differ from the papers they take their attention from:
 * **HaloNet attention** (Vaswani et al. 2021): timm's ``HaloAttn`` (see
   :mod:`~hybrid_attn.models.layers.halo_attention`): 8 heads, block 8, halo 2 (26t) or 3,
   zero-padded keys, strided query blocks for downsampling; any input whose attention maps
-  are multiples of 8 (256 x 256 and up in steps of 256 / 2 = 128 for the 26t models).
+  are multiples of 8: sides multiples of 256 (the last stage attends at 1/32), of 128 for
+  ``halo2botnet50ts`` (halo attention ends at 1/16).
 * **Channel attention**: SE (1/16 of the bottleneck width, rounded to a multiple of 8,
   ReLU inside) or ECA, after the 3x3 conv of the convolutional blocks only.
 * ``eca_*next*``: ResNeXt-style grouped 3x3 convs of 16 channels per group, SiLU, and
