@@ -141,7 +141,10 @@ def main(argv: list[str]) -> None:
     """CLI: evaluates the newest (or ``--step``) checkpoint of ``--workdir`` on ``--split``."""
     from absl import flags, logging
 
+    from hybrid_attn import distributed
+
     del argv
+    distributed.initialize_from_flags()  # --jax_distributed [--coordinator_address ...]
     flag = flags.FLAGS
     result = evaluate_checkpoint(flag.config, flag.workdir, split=flag.split or None,
                                  step=None if flag.step < 0 else flag.step)
@@ -153,6 +156,8 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
+
+    import hybrid_attn.distributed  # noqa: F401  (defines the --jax_distributed flags)
 
     config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Training workdir, or one <workdir>/checkpoints/<step>.")
