@@ -1,0 +1,120 @@
+"""Depthwise convolution: both lowerings against lax.conv and a brute-force loop, forward
+and both gradients; the module's variables and outputs against nn.Conv's."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hybrid_attn.models.layers.conv import DepthwiseConv, depthwise_conv
+
+CASES = [((1, 1), "SAME"), ((2, 2), "SAME"), ((2, 1), "VALID"), ((2, 2), ((1, 0), (2, 1)))]
+
+
+def _pads(h, w, k, strides, padding):
+    if padding == "VALID":
+        return (0, 0), (0, 0)
+    if padding == "SAME":  # total padding so that out = ceil(in / stride), low half first
+        out = [-(-n // s) for n, s in zip((h, w), strides, strict=True)]
+        total = [max((o - 1) * s + k - n, 0) for o, s, n in zip(out, strides, (h, w), strict=True)]
+        return tuple((t // 2, t - t // 2) for t in total)
+    return padding
+
+
+def loop_reference(x, kernel, strides, padding, g):
+    """Output, and the gradients of sum(output * g) w.r.t. x and kernel, by plain loops."""
+    b, h, w, c = x.shape
+    k = kernel.shape[0]
+    (pt, pb), (pl, pr) = _pads(h, w, k, strides, padding)
+    xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    oh = (h + pt + pb - k) // strides[0] + 1
+    ow = (w + pl + pr - k) // strides[1] + 1
+    y = np.zeros((b, oh, ow, c))
+    dxp, dk = np.zeros_like(xp), np.zeros_like(kernel)
+    for i in range(oh):
+        for j in range(ow):
+            for di in range(k):
+                for dj in range(k):
+                    r, s = i * strides[0] + di, j * strides[1] + dj
+                    y[:, i, j] += xp[:, r, s] * kernel[di, dj, 0]
+                    dxp[:, r, s] += g[:, i, j] * kernel[di, dj, 0]
+                    dk[di, dj, 0] += (xp[:, r, s] * g[:, i, j]).sum(0)
+    return y, dxp[:, pt:pt + h, pl:pl + w], dk
+
+
+def _inputs(strides, padding):
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (2, 9, 7, 5)), np.float64)
+    kernel = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (3, 3, 1, 5)), np.float64)
+    out_shape = jax.eval_shape(
+        lambda: depthwise_conv(jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32),
+                               strides, padding, impl="native")).shape
+    g = np.asarray(jax.random.normal(jax.random.PRNGKey(2), out_shape), np.float64)
+    return x, kernel, g
+
+
+@pytest.mark.parametrize("impl", ["shifted", "native", "auto"])
+@pytest.mark.parametrize("strides,padding", CASES)
+def test_forward_and_gradients_match_loop_reference(impl, strides, padding):
+    x, kernel, g = _inputs(strides, padding)
+    y_ref, dx_ref, dk_ref = loop_reference(x, kernel, strides, padding, g)
+
+    def f(x, k):
+        return depthwise_conv(x, k, strides, padding, impl=impl)
+
+    xf, kf = jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32)
+    y, vjp = jax.vjp(f, xf, kf)
+    dx, dk = vjp(jnp.asarray(g, jnp.float32))
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    np.testing.assert_allclose(dx, dx_ref, atol=1e-5)
+    np.testing.assert_allclose(dk, dk_ref, atol=1e-4)
+
+
+def test_cpu_lowering_has_no_convolution_and_matches_lax_conv():
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 12, 10, 8))
+    kernel = jax.random.normal(jax.random.PRNGKey(4), (3, 3, 1, 8))
+
+    def loss(impl):
+        return lambda x, k: jnp.sum(depthwise_conv(x, k, (2, 2), impl=impl) ** 2)
+
+    hlo = jax.jit(jax.grad(loss("auto"), argnums=(0, 1))).lower(x, kernel).compile().as_text()
+    assert " convolution(" not in hlo and " conditional(" not in hlo  # HLO ops, not names
+    ref = jax.lax.conv_general_dilated(x, kernel, (2, 2), "SAME", feature_group_count=8,
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(depthwise_conv(x, kernel, (2, 2)), ref, atol=1e-5)
+    for a, b in zip(jax.grad(loss("auto"), argnums=(0, 1))(x, kernel),
+                    jax.grad(loss("native"), argnums=(0, 1))(x, kernel), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_accumulates_like_the_native_convolution():
+    x = jax.random.normal(jax.random.PRNGKey(5), (2, 8, 8, 16), jnp.bfloat16)
+    kernel = jax.random.normal(jax.random.PRNGKey(6), (3, 3, 1, 16), jnp.bfloat16)
+    y = depthwise_conv(x, kernel)
+    assert y.dtype == jnp.bfloat16
+    exact = depthwise_conv(x.astype(jnp.float32), kernel.astype(jnp.float32), impl="native")
+    # One bf16 rounding of the float32 sum, not nine.
+    np.testing.assert_allclose(y.astype(jnp.float32), exact, rtol=1e-2, atol=1e-2)
+
+
+def test_module_has_nn_conv_variables_and_output():
+    x = jax.random.normal(jax.random.PRNGKey(7), (2, 9, 6, 12))
+    conv = nn.Conv(12, (3, 3), strides=2, padding="SAME", feature_group_count=12)
+    variables = conv.init(jax.random.PRNGKey(8), x)
+    ours = DepthwiseConv(strides=(2, 2))
+    shapes = jax.tree_util.tree_map(jnp.shape, ours.init(jax.random.PRNGKey(8), x))
+    assert shapes == jax.tree_util.tree_map(jnp.shape, variables)
+    np.testing.assert_allclose(ours.apply(variables, x), conv.apply(variables, x), atol=1e-5)
+    y = DepthwiseConv(dtype=jnp.bfloat16, use_bias=False).apply(
+        {"params": {"kernel": variables["params"]["kernel"]}}, x)
+    assert y.dtype == jnp.bfloat16 and y.shape == (2, 9, 6, 12)
+
+
+def test_bad_shapes_and_options_are_named():
+    x = jnp.zeros((1, 8, 8, 4))
+    with pytest.raises(ValueError, match=r"kernel \[kh, kw, 1, C\], got x \(1, 8, 8, 4\)"):
+        depthwise_conv(x, jnp.zeros((3, 3, 4, 4)))
+    with pytest.raises(ValueError, match="impl must be 'auto', 'shifted' or 'native'"):
+        depthwise_conv(x, jnp.zeros((3, 3, 1, 4)), impl="fast")
+    with pytest.raises(ValueError, match="padding must be 'SAME', 'VALID', an int or 2"):
+        depthwise_conv(x, jnp.zeros((3, 3, 1, 4)), padding=((1, 1),))
