@@ -121,7 +121,9 @@ def _digits_config(data_dir: str):
 def _saved_params(workdir, step):
     from hybrid_attn import checkpoint
 
-    return checkpoint.load_variables(os.path.join(workdir, "checkpoints", str(step)))
+    loaded = checkpoint.load_variables(os.path.join(workdir, "checkpoints", str(step)))
+    assert loaded.pop("meta")["model_name"]  # the rest is arrays only
+    return loaded
 
 
 def test_resume_after_sigterm_matches_uninterrupted_run(monkeypatch, tmp_path):
