@@ -17,6 +17,7 @@ from hybrid_attn.convert import common, from_timm, timm_coatnet
 from hybrid_attn.convert.pretrained import import_timm
 from hybrid_attn.models import get_model
 from hybrid_attn.models.layers.relative_mlp import log_offsets
+from hybrid_attn.optim import decay_mask
 
 GOLDENS = pathlib.Path(__file__).parent / "goldens"
 GOLDEN = np.load(GOLDENS / "coatnet_rw.npz")
@@ -72,6 +73,9 @@ def test_mlp_bias_serves_another_resolution_unchanged():
     np.testing.assert_allclose(_logits(model, variables, x), GOLDEN["rmlp_2_rw/logits_square"],
                                rtol=1e-4, atol=1e-4)
     assert get_model("coatnet_rmlp_2_rw_384") == get_model("coatnet_rmlp_2_rw")
+    # The bias MLP sits in the position scope: like timm, no weight decay on it.
+    mask = decay_mask(variables["params"])["stage3"]["block0"]
+    assert not mask["attn"]["position"]["fc1"]["kernel"] and mask["mlp"]["fc1"]["kernel"]
 
 
 def test_log_offsets_are_timms_cr_coordinates():
