@@ -19,6 +19,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from hybrid_attn import checkpoint, config_lib, sharding
+from hybrid_attn.convert import pretrained
 from hybrid_attn.data import input_pipeline
 from hybrid_attn.models.build import build_model
 
@@ -124,6 +125,10 @@ def evaluate_checkpoint(
         raise checkpoint.CheckpointMismatchError(
             f"{path} holds a checkpoint of {saved_model}, but the config is of "
             f"{config.model_name}: pass that model's config")
+    model = build_model(config)
+    if "preprocessing" in loaded["meta"]:  # imported by hybrid_attn.convert: timm's recipe
+        input_cfg = pretrained.recorded_eval_input(input_cfg, loaded["meta"])
+        model = pretrained.model_from_meta(loaded["meta"], dtype=model.dtype)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     variables = jax.device_put(
@@ -133,7 +138,7 @@ def evaluate_checkpoint(
     batches = input_pipeline.eval_iterator(
         input_cfg, split, global_batch_size=config.eval_batch_size
     )
-    result = evaluate(make_eval_step(build_model(config)), variables, batches, mesh)
+    result = evaluate(make_eval_step(model), variables, batches, mesh)
     return {**result, "step": int(path.name), "split": split}
 
 

@@ -142,7 +142,7 @@ def _bad_inputs(tmp: pathlib.Path) -> dict[str, tuple[list[str], str]]:
         "bad overrides": (["--timm", "coatnet_0_224", "--checkpoint", str(WEIGHTS),
                            "--model_overrides",
                            json.dumps({**json.loads(reduced_overrides()), "stem_width": 12})],
-                          "Converted weights do not fit the model: /params/"),
+                          "Converted weights do not fit the model: /"),
     }
 
 
@@ -168,3 +168,14 @@ def test_module_entry_point_fails_in_one_line(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert f"error: No checkpoint file at {tmp_path / 'none.safetensors'}" in result.stderr
+
+
+def test_evaluation_uses_the_recorded_preprocessing(converted):
+    from hybrid_attn import checkpoint
+    from hybrid_attn.convert.pretrained import recorded_eval_input
+    from hybrid_attn.data.input_pipeline import InputConfig
+
+    meta = checkpoint.load_variables(str(converted / "checkpoints" / "0"))["meta"]
+    cfg = recorded_eval_input(InputConfig(image_size=32, crop_pct=1.0), meta)
+    assert (cfg.image_size, cfg.crop_pct, cfg.mean, cfg.std) == (224, 0.95, (0.5,) * 3,
+                                                                 (0.5,) * 3)

@@ -122,3 +122,18 @@ def from_timm(timm_name: str, state_dict: Mapping, **model_overrides) -> tuple[n
     """
     imported = import_timm(timm_name, state_dict, **model_overrides)
     return imported.model, imported.variables
+
+
+def recorded_eval_input(input_cfg: Any, meta: Mapping[str, Any]) -> Any:
+    """``input_cfg`` (an ``input_pipeline.InputConfig``) with the evaluation preprocessing
+    an imported checkpoint records: timm's input size, crop fraction, mean and std for its
+    weights. The pipeline resizes bicubically; other recorded interpolations are logged."""
+    from absl import logging
+
+    prep = meta["preprocessing"]
+    if prep["interpolation"] != "bicubic":
+        logging.warning("timm evaluates %s with %s resizing; the input pipeline resizes "
+                        "bicubically.", meta.get("timm_name"), prep["interpolation"])
+    return dataclasses.replace(input_cfg, image_size=int(prep["input_size"][1]),
+                               crop_pct=float(prep["crop_pct"]), mean=tuple(prep["mean"]),
+                               std=tuple(prep["std"]))
