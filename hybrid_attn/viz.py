@@ -298,8 +298,9 @@ def plot_local_window(image: np.ndarray, map_hw: Sequence[int], query: Sequence[
     r = kernel // 2
     box = (query[0] - r, query[1] - r, query[0] + r + 1, query[1] + r + 1)
     ax.add_patch(_rect(plt, box, scale, ls="--", ec="yellow", lw=1.5))
-    ax.set_xlim(-0.5 - (r + 1) * scale[1], img.shape[1] - 0.5)
-    ax.set_ylim(img.shape[0] - 0.5, -0.5 - (r + 1) * scale[0])
+    # Zoom on the window: kernel cells of context around it, including outside the image.
+    ax.set_xlim((query[1] - 2 * kernel) * scale[1], (query[1] + 2 * kernel + 1) * scale[1])
+    ax.set_ylim((query[0] + 2 * kernel + 1) * scale[0], (query[0] - 2 * kernel) * scale[0])
     ax.set_title(f"{kernel}x{kernel} window at {tuple(query)}: {int(support.sum())} of "
                  f"{kernel * kernel} keys in the image", fontsize=8)
     ax.axis("off")
