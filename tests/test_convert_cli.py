@@ -47,8 +47,9 @@ def timm_shaped(arch: str) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("entry", names.TIMM_MODELS, ids=lambda e: e.name)
 def test_every_row_builds_timms_parameter_count(entry):
     facts = names.reference()[entry.timm]
-    _, h, w = facts["pretrained"][facts["default_tag"]]["input_size"]
-    model = get_model(entry.model, **entry.overrides)
+    default = facts["pretrained"][facts["default_tag"]]  # timm counts at its default weights
+    _, h, w = default["input_size"]
+    model = get_model(entry.model, num_classes=default["num_classes"], **entry.overrides)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                                jnp.zeros((1, h, w, 3)), train=False))
     assert count_scalars(shapes["params"]) == facts["params"]

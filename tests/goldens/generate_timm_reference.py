@@ -59,7 +59,7 @@ def describe(arch: str, tags: list[str]) -> dict:
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "classifier": default.classifier,
-        "default_tag": tags[0] if tags else default.tag,
+        "default_tag": default.tag,
         "pretrained": pretrained,
         "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
     }
