@@ -16,7 +16,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from hybrid_attn import checkpoint, distributed, train
+from hybrid_attn import checkpoint, config_lib, distributed, train
 from hybrid_attn.data.input_pipeline import DatasetNotPreparedError
 
 FLAGS = flags.FLAGS
@@ -68,7 +68,7 @@ def main(argv: list[str]) -> None:
     try:
         result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (DatasetNotPreparedError, checkpoint.CheckpointMismatchError,
-            train.NonFiniteLossError) as e:
+            config_lib.ConfigError, train.NonFiniteLossError) as e:
         raise SystemExit(str(e)) from None
     if result and jax.process_index() == 0:
         print(f"Final {FLAGS.config.data.eval_split} accuracy: {result['accuracy']:.4f} "

@@ -67,3 +67,18 @@ def test_config_typo_is_one_line_naming_the_key(tmp_path):
     assert lines[-1].startswith("Invalid flags:") and "learnin_rate" in lines[-1]
     assert "learning_rate" in lines[-1]
     assert "Traceback" not in out.stderr
+
+
+def test_invalid_override_value_is_one_line_without_traceback(tmp_path):
+    """Finding 7 (entry point): a well-formed override with a bad value (batch_size=0) is
+    refused by the typed boundary in one line, before anything is built or written."""
+    out = subprocess.run(
+        [sys.executable, "-m", "hybrid_attn.main", "--config=configs/coatnet0.py:digits",
+         "--config.batch_size=0", f"--workdir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 1
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert "batch_size" in lines[-1], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "run").exists()
