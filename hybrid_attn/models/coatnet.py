@@ -45,6 +45,7 @@ from hybrid_attn.models.layers.norm import batch_norm
 from hybrid_attn.models.layers.pooling import avg_pool2
 from hybrid_attn.models.layers.regularization import DropPath, drop_path_rates
 from hybrid_attn.models.layers.relative_bias import RelativeBias2D
+from hybrid_attn.models.layers.scan import remat_block, same_rate, scanned_blocks
 
 Dtype = Any
 NormKind = Literal["layer", "batch"]
@@ -140,22 +141,30 @@ class Stage(nn.Module):
     """One stage: ``depth`` blocks of one kind ('C' convolution or 'T' transformer), the
     first with stride 2, named ``block0`` ... ; its output is sown as
     ``intermediates/output``. ``blocks`` maps each kind to a factory called as
-    ``factory(features, strides, drop_path=rate, name=name)`` (see ``CoAtNet.blocks``)."""
+    ``factory(features, strides, drop_path=rate, name=name)`` (see ``CoAtNet.blocks``).
+    ``remat`` and ``scan_blocks``: see :mod:`hybrid_attn.models.layers.scan`."""
 
     kind: str
     depth: int
     features: int
     drop_path: Sequence[float]
     blocks: Mapping[str, BlockFactory]
+    remat: str = "none"
+    scan_blocks: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         if self.kind not in self.blocks:
             raise ValueError(f"Unknown block type {self.kind!r}; use one of {sorted(self.blocks)}")
-        for b in range(self.depth):
-            x = self.blocks[self.kind](self.features, 2 if b == 0 else 1,
-                                       drop_path=self.drop_path[b], name=f"block{b}")(
-                                           x, train=train)
+        block = remat_block(self.blocks[self.kind], self.remat)
+        unrolled = 1 if self.scan_blocks and self.depth > 1 else self.depth
+        for b in range(unrolled):
+            x = block(self.features, 2 if b == 0 else 1, drop_path=self.drop_path[b],
+                      name=f"block{b}")(x, train=train)
+        if unrolled < self.depth:
+            rate = same_rate(self.drop_path[1:], self.name or "Stage")
+            make = functools.partial(self.blocks[self.kind], self.features, 1, drop_path=rate)
+            x = scanned_blocks(make, self.depth - 1, train=train, remat=self.remat)(x)
         self.sow("intermediates", "output", x)
         return x
 
@@ -177,6 +186,9 @@ class CoAtNet(nn.Module):
       pre_logits: tanh Dense layer before the classifier, see the module docstring.
       drop_path_rate: stochastic depth, rising linearly to this rate over S1..S4 blocks.
       dropout: dropout before the classifier.
+      remat: "none" or "block" (each block under ``nn.remat``; same parameters).
+      scan_blocks: blocks 1..n-1 of every stage through one ``nn.scan`` (stacked
+        parameters under ``stage{i}/blocks/block``; see ``layers/scan.py``).
     """
 
     depths: Sequence[int] = (2, 3, 5, 2)
@@ -189,6 +201,8 @@ class CoAtNet(nn.Module):
     num_classes: int = 1000
     drop_path_rate: float = 0.0
     dropout: float = 0.0
+    remat: str = "none"
+    scan_blocks: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -207,6 +221,7 @@ class CoAtNet(nn.Module):
         for s, (depth, width, kind) in enumerate(zip(self.depths, self.widths,
                                                      self.block_types)):
             x = Stage(kind, depth, width, drop_path=tuple(rates[s]), blocks=blocks,
+                      remat=self.remat, scan_blocks=self.scan_blocks,
                       name=f"stage{s + 1}")(x, train=train)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         x = layer_norm(self.dtype, self.param_dtype, "head_norm")(x)

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hybrid_attn.models.layers.conv import DepthwiseConv
 from hybrid_attn.models.layers.layer_scale import LayerScale
 from hybrid_attn.models.layers.mbconv import conv_init, depthwise_init
 from hybrid_attn.models.layers.mlp import Mlp
@@ -57,9 +58,13 @@ class ConvNeXtBlock(nn.Module):
             shortcut = nn.Conv(self.features, (1, 1), kernel_init=conv_init, name="shortcut",
                                **kw)(shortcut)
         k, p = self.kernel_size, (self.kernel_size - 1) // 2
-        y = nn.Conv(self.features, (k, k), self.strides, padding=((p, p), (p, p)),
-                    feature_group_count=channels, kernel_init=depthwise_init, name="dw_conv",
-                    **kw)(x)
+        if channels == self.features:
+            y = DepthwiseConv((k, k), (self.strides, self.strides), padding=((p, p), (p, p)),
+                              kernel_init=depthwise_init, name="dw_conv", **kw)(x)
+        else:
+            y = nn.Conv(self.features, (k, k), self.strides, padding=((p, p), (p, p)),
+                        feature_group_count=channels, kernel_init=depthwise_init,
+                        name="dw_conv", **kw)(x)
         y = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, name="norm", **kw)(y)
         y = Mlp(int(self.mlp_ratio * self.features), name="mlp", **kw)(y, train=train)
         if self.layer_scale is not None:

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hybrid_attn.models.layers.conv import DepthwiseConv
 from hybrid_attn.models.layers.norm import batch_norm
 from hybrid_attn.models.layers.pooling import avg_pool2
 from hybrid_attn.models.layers.regularization import DropPath
@@ -144,8 +145,8 @@ class MBConv(nn.Module):
                     name="expand_conv", **kw)(y)
         y = self.activation(bn("expand_norm")(y))
         k, p = self.kernel_size, (self.kernel_size - 1) // 2
-        y = nn.Conv(hidden, (k, k), dw_s, padding=((p, p), (p, p)), feature_group_count=hidden,
-                    use_bias=False, kernel_init=depthwise_init, name="dw_conv", **kw)(y)
+        y = DepthwiseConv((k, k), (dw_s, dw_s), padding=((p, p), (p, p)), use_bias=False,
+                          kernel_init=depthwise_init, name="dw_conv", **kw)(y)
         se = SqueezeExcite(int(self.se_ratio * (hidden if self.expand_input else self.features)),
                            activation=self.se_activation, name="se", **kw)
         y = self.activation(bn("dw_norm")(se(y) if self.se_early else y))

@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hybrid_attn.models.layers.conv import DepthwiseConv
+
 Dtype = Any
 
 
@@ -28,7 +30,7 @@ class PositionEncodingGenerator(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim != 4:
             raise ValueError(f"PositionEncodingGenerator expects an NHWC map, got {x.shape}")
-        c, k = x.shape[-1], self.kernel_size
-        pos = nn.Conv(c, (k, k), padding=k // 2, feature_group_count=c, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name="proj")(x)
+        k = self.kernel_size
+        pos = DepthwiseConv((k, k), padding=k // 2, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name="proj")(x)
         return x + pos

@@ -1,0 +1,121 @@
+"""Speed switches over the blocks of a stage: per-block rematerialisation and ``nn.scan``.
+
+``remat="block"`` wraps each block in ``nn.remat`` (activations inside a block are
+recomputed in the backward pass instead of stored); the parameter tree is unchanged.
+``scan_blocks=True`` keeps a stage's first block (it changes shape or stride) unrolled as
+``block0`` and runs blocks ``1 .. n-1`` (identical shapes) through one ``nn.scan`` named
+``blocks``, whose variables are those of one block under ``blocks/block`` with a leading
+axis of length ``n - 1``; XLA then compiles one block body instead of ``n - 1``.
+:func:`stack_blocks` / :func:`unstack_blocks` move a stage's variables between the two
+layouts so a checkpoint works with either.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+BlockFactory = Callable[..., nn.Module]
+REMAT = ("none", "block")
+SCANNED = "blocks"
+# Collections a block may create or sow; each gets the scan's leading block axis.
+_AXES = {"params": 0, "batch_stats": 0, "attention": 0, "intermediates": 0}
+
+
+def check_remat(remat: str) -> None:
+    """One-line error for an unknown ``remat`` policy."""
+    if remat not in REMAT:
+        raise ValueError(f"remat must be one of {REMAT}, got {remat!r}")
+
+
+def remat_block(factory: BlockFactory, remat: str) -> BlockFactory:
+    """``factory`` (a block class or a ``functools.partial`` of one) with its class wrapped
+    in ``nn.remat`` when ``remat == "block"``; same arguments and parameter names."""
+    check_remat(remat)
+    if remat == "none":
+        return factory
+    if isinstance(factory, functools.partial):
+        return functools.partial(remat_block(factory.func, remat), *factory.args,
+                                 **factory.keywords)
+    return _remat_class(factory)
+
+
+@functools.cache
+def _remat_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """``cls`` under ``nn.remat`` with its keyword-only ``train`` kept static (a lifted
+    remat traces keyword arguments, and ``train`` picks Python branches)."""
+
+    class Positional(cls):
+        def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+            return super().__call__(x, train=train)
+
+    rematted = nn.remat(Positional, static_argnums=(2,))
+
+    class Remat(rematted):
+        def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+            return super().__call__(x, train)
+
+    Remat.__name__ = Remat.__qualname__ = f"Remat{cls.__name__}"
+    return Remat
+
+
+class _Repeat(nn.Module):
+    """The scan body: one block ``block`` applied to the carry."""
+
+    make: BlockFactory
+    train: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _: Any) -> tuple[jax.Array, None]:
+        return self.make(name="block")(x, train=self.train), None
+
+
+def scanned_blocks(make: BlockFactory, length: int, *, train: bool, remat: str,
+                   name: str = SCANNED) -> Callable[[jax.Array], jax.Array]:
+    """``length`` identical blocks built by ``make(name=...)`` run by one ``nn.scan``
+    (each body rematerialised when ``remat == "block"``); returns ``x -> y``."""
+    check_remat(remat)
+    body = nn.remat(_Repeat) if remat == "block" else _Repeat
+    scan = nn.scan(body, variable_axes=_AXES, split_rngs={"params": True, "dropout": True},
+                   length=length)(make, train, name=name)
+    return lambda x: scan(x, None)[0]
+
+
+def same_rate(rates: Sequence[float], where: str) -> float:
+    """The one drop-path rate shared by the scanned blocks (a scan body is one module, so
+    its rate is one number); a clear error when they differ."""
+    if len(set(rates)) > 1:
+        raise ValueError(f"{where}: scan_blocks needs one drop-path rate for the scanned "
+                         f"blocks, got {tuple(rates)}; use drop_path_rate=0 or scan_blocks=False")
+    return rates[0]
+
+
+def stack_blocks(stage: Mapping[str, Any], depth: int, prefix: str = "block") -> dict:
+    """A stage's variables (one collection) from the unrolled layout (``block0`` ..
+    ``block{depth-1}``) to the scanned one (``block0`` + ``blocks/block`` stacked)."""
+    if depth <= 1:
+        return dict(stage)
+    names = [f"{prefix}{i}" for i in range(1, depth)]
+    missing = [n for n in names if n not in stage]
+    if missing:
+        raise ValueError(f"stack_blocks: stage has no {missing}; keys are {sorted(stage)}")
+    out = {k: v for k, v in stage.items() if k not in names}
+    out[SCANNED] = {"block": jax.tree.map(lambda *a: jnp.stack(a), *[stage[n] for n in names])}
+    return out
+
+
+def unstack_blocks(stage: Mapping[str, Any], prefix: str = "block") -> dict:
+    """The inverse of :func:`stack_blocks`: ``blocks/block`` split into ``block1`` ...."""
+    if SCANNED not in stage:
+        raise ValueError(f"unstack_blocks: stage has no {SCANNED!r}; keys are {sorted(stage)}")
+    stacked = stage[SCANNED]["block"]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    out = {k: v for k, v in stage.items() if k != SCANNED}
+    for i in range(n):
+        out[f"{prefix}{i + 1}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+    return out

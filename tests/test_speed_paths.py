@@ -1,0 +1,81 @@
+"""The speed switches (layers/scan.py) against the plain unrolled path on a tiny CoAtNet:
+``remat="block"`` and ``scan_blocks=True`` give the same logits, BatchNorm updates and
+gradients once the unrolled variables are moved to the stacked layout."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hybrid_attn.models.coatnet import CoAtNet
+from hybrid_attn.models.layers.scan import stack_blocks, unstack_blocks
+
+KW = dict(depths=(1, 2, 3, 2), widths=(8, 16, 16, 16), stem_width=8, head_dim=8,
+          num_classes=5)
+
+
+def to_layout(variables, fn):
+    """Apply ``fn(stage_tree, depth)`` to every stage of every collection."""
+    return {c: {k: fn(t, KW["depths"][int(k[-1]) - 1]) if k.startswith("stage") else t
+                for k, t in tree.items()} for c, tree in variables.items()}
+
+
+@pytest.fixture(scope="module")
+def plain():
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    model = CoAtNet(**KW)
+    return model, model.init(jax.random.PRNGKey(0), x, train=False), x
+
+
+def loss_and_stats(model, variables, x):
+    def loss(params):
+        y, upd = model.apply({**variables, "params": params}, x, train=True,
+                             mutable=["batch_stats"])
+        return jnp.sum(y * jnp.arange(5.0)), (y, upd["batch_stats"])
+    (_, (y, stats)), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    return y, stats, grads
+
+
+def close(a, b):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(u, v, rtol=2e-5, atol=2e-5)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scan, remat", [(False, "block"), (True, "none"), (True, "block")])
+def test_switches_equal_plain_path(plain, scan, remat):
+    model, variables, x = plain
+    fast = CoAtNet(**KW, scan_blocks=scan, remat=remat)
+    moved = to_layout(variables, stack_blocks) if scan else variables
+    init = fast.init(jax.random.PRNGKey(0), x, train=False)
+    assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, moved)
+    close(fast.apply(moved, x, train=False), model.apply(variables, x, train=False))
+    y, stats, grads = loss_and_stats(model, variables, x)
+    fy, fstats, fgrads = loss_and_stats(fast, moved, x)
+    back = (lambda t: to_layout({"v": t}, lambda s, d: unstack_blocks(s) if d > 1 else s)["v"]
+            ) if scan else (lambda t: t)
+    close(fy, y)
+    close(back(fstats), stats)
+    close(back(fgrads), grads)
+
+
+def test_stack_unstack_round_trip(plain):
+    _, variables, _ = plain
+    stage = variables["params"]["stage3"]
+    stacked = stack_blocks(stage, 3)
+    assert sorted(stacked) == ["block0", "blocks"]
+    k1 = jax.tree.leaves(stage["block1"])[0]
+    assert jax.tree.leaves(stacked["blocks"]["block"])[0].shape == (2, *k1.shape)
+    close(unstack_blocks(stacked), stage)
+
+
+def test_bad_switches_fail_clearly(plain):
+    _, _, x = plain
+    with pytest.raises(ValueError, match="remat must be one of"):
+        CoAtNet(**KW, remat="full").init(jax.random.PRNGKey(0), x, train=False)
+    with pytest.raises(ValueError, match="one drop-path rate"):
+        CoAtNet(**KW, scan_blocks=True, drop_path_rate=0.1).init(
+            jax.random.PRNGKey(0), x, train=False)
+    with pytest.raises(ValueError, match="has no"):
+        stack_blocks({"block0": {}}, 3)
