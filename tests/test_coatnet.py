@@ -53,9 +53,10 @@ def _macs(jaxpr) -> int:
             (contract, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
             total += int(np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[i] for i in contract]))
-        for sub in eqn.params.values():
-            if isinstance(sub, jex.core.ClosedJaxpr):
-                total += _macs(sub.jaxpr)
+        for sub in eqn.params.values():  # a cond's branches are a tuple (platform_dependent)
+            for branch in sub if isinstance(sub, tuple) else (sub,):
+                if isinstance(branch, jex.core.ClosedJaxpr):
+                    total += _macs(branch.jaxpr)
     return total
 
 

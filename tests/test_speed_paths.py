@@ -79,3 +79,17 @@ def test_bad_switches_fail_clearly(plain):
             jax.random.PRNGKey(0), x, train=False)
     with pytest.raises(ValueError, match="has no"):
         stack_blocks({"block0": {}}, 3)
+
+
+@pytest.mark.slow
+def test_resnet_remat_equals_plain():
+    from hybrid_attn.models.resnet import ResNet
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    plain_model = ResNet(stage_sizes=(1, 2, 1, 1), width=4, num_classes=5)
+    variables = plain_model.init(jax.random.PRNGKey(0), x, train=False)
+    fast = ResNet(stage_sizes=(1, 2, 1, 1), width=4, num_classes=5, remat="block")
+    y, stats, grads = loss_and_stats(plain_model, variables, x)
+    fy, fstats, fgrads = loss_and_stats(fast, variables, x)
+    close(fy, y)
+    close(fstats, stats)
+    close(fgrads, grads)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from hybrid_attn.models.layers.non_local import NonLocalBlock
 from hybrid_attn.models.layers.norm import batch_norm
 from hybrid_attn.models.layers.regularization import DropPath, drop_path_rates
+from hybrid_attn.models.layers.scan import remat_block
 from hybrid_attn.models.layers.squeeze_excite import SqueezeExcite
 
 Dtype = Any
@@ -148,17 +149,19 @@ class ResNetStage(nn.Module):
     se_in_spatial_blocks: bool = True
     activation: Activation = nn.relu
     drop_path_rates: Sequence[float] = ()
+    remat: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        block = remat_block(BottleneckBlock, self.remat)
         for i, factory in enumerate(self.spatial):
             if self.pre_blocks and self.pre_blocks[i] is not None:
                 name, pre = self.pre_blocks[i]
                 x = pre(name=name)(x, train=train)
             se = self.se_ratio if factory is None or self.se_in_spatial_blocks else 0.0
-            x = BottleneckBlock(
+            x = block(
                 self.features, self.strides if i == 0 else 1, factory, se, self.activation,
                 self.drop_path_rates[i] if self.drop_path_rates else 0.0,
                 dtype=self.dtype, param_dtype=self.param_dtype, name=f"block{i}",
@@ -181,6 +184,7 @@ class ResNet(nn.Module):
       last_stride: stride of the last stage (2; 1 for BoTNet-S1's unstrided c5).
       non_local_stages: stage indices that get a non-local block before their last block.
       drop_path_rate: stochastic depth rising linearly to this over all blocks.
+      remat: "none" or "block" (each bottleneck under ``nn.remat``; same parameters).
     """
 
     stage_sizes: Sequence[int]
@@ -193,6 +197,7 @@ class ResNet(nn.Module):
     last_stride: int = 2
     non_local_stages: Sequence[int] = ()
     drop_path_rate: float = 0.0
+    remat: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -209,7 +214,7 @@ class ResNet(nn.Module):
                 tuple(self.block_spatial(s, i) for i in range(n)), self.width * 2**s,
                 1 if s == 0 else (self.last_stride if s == last else 2),
                 tuple(self.pre_block(s, i) for i in range(n)), self.se_ratio,
-                self.se_in_spatial_blocks, self.activation, rates[s],
+                self.se_in_spatial_blocks, self.activation, rates[s], self.remat,
                 dtype=self.dtype, param_dtype=self.param_dtype, name=f"stage{s + 1}",
             )(x, train=train)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
