@@ -71,7 +71,7 @@ flags.DEFINE_bool("timm_compile", True, "Also time timm under torch.compile.")
 flags.DEFINE_enum("remat", None, ["none", "block"],
                   "Rematerialisation policy, where the model has a `remat` field.")
 flags.DEFINE_bool("scan", None, "Scan over a stage's repeated blocks, where the model has a "
-                  "`scan` field.")
+                  "`scan_blocks` field.")
 
 # Our name -> timm's model of the same architecture. BoTNet-50 has no exact timm twin:
 # botnet50ts_256 (tiered 3-conv stem, SiLU) is the nearest and is flagged as such. timm's
@@ -127,12 +127,12 @@ def model_overrides(model_name: str, remat: str | None, scan: bool | None) -> tu
     model has no field for is skipped and noted as unsupported."""
     fields = {f.name for f in dataclasses.fields(get_model(model_name))}
     overrides, notes = {}, {}
-    for name, value in (("remat", remat), ("scan", scan)):
+    for flag, name, value in (("remat", "remat", remat), ("scan", "scan_blocks", scan)):
         if value is None:
             continue
         if name in fields:
             overrides[name] = value
-        notes[name] = value if name in fields else f"unsupported by {model_name}"
+        notes[flag] = value if name in fields else f"unsupported by {model_name}"
     return overrides, notes
 
 
