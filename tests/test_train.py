@@ -54,14 +54,14 @@ def test_schedule_warmup_and_cosine_end():
     np.testing.assert_allclose(s(110), 0.01, atol=1e-6)
 
 
-def test_weight_decay_mask_only_kernels():
+def test_weight_decay_mask_matrices_but_not_norms_biases_or_position_tables():
     params = {"conv": {"kernel": jnp.ones((3, 3, 1, 2)), "bias": jnp.ones(2)},
               "norm": {"scale": jnp.ones(2), "bias": jnp.ones(2)},
-              "attn": {"relative_bias_table": jnp.ones((3, 3, 2))}}
+              "attn": {"position": {"relative_bias_table": jnp.ones((3, 3, 2))}}}
     mask = optim.decay_mask(params)
     assert mask == {"conv": {"kernel": True, "bias": False},
                     "norm": {"scale": False, "bias": False},
-                    "attn": {"relative_bias_table": False}}
+                    "attn": {"position": {"relative_bias_table": False}}}
     # And AdamW really leaves masked leaves undecayed when the gradient is zero.
     cfg = optim.OptimConfig(learning_rate=0.1, weight_decay=0.5, warmup_steps=0,
                             schedule="constant", grad_clip_norm=0.0)
@@ -70,7 +70,7 @@ def test_weight_decay_mask_only_kernels():
     updates, _ = tx.update(zeros, tx.init(params), params)
     new = optax.apply_updates(params, updates)
     np.testing.assert_allclose(new["conv"]["kernel"], 1 - 0.1 * 0.5)
-    np.testing.assert_allclose(new["attn"]["relative_bias_table"], 1.0)
+    np.testing.assert_allclose(new["attn"]["position"]["relative_bias_table"], 1.0)
     np.testing.assert_allclose(new["norm"]["scale"], 1.0)
 
 
