@@ -18,12 +18,12 @@ transformed NHWC images) and ``logits`` (timm, eval mode).
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 
 import numpy as np
 import timm
 import torch
+from generate_coatnet import randomize  # the same randomisation as the CoAtNet goldens
 from PIL import Image
 from safetensors.torch import save_file
 from timm.models.maxxvit import MaxxVit, MaxxVitCfg, MaxxVitTransformerCfg
@@ -32,25 +32,6 @@ OUT = pathlib.Path(__file__).resolve().parent
 ARCH = "coatnet_0_224"
 SIZES = dict(depths=(1, 1, 1, 1), widths=(16, 16, 32, 48), stem_width=8, head_dim=16)
 IMAGE_SIZES = {"roundtrip_landscape.png": (260, 230), "roundtrip_portrait.png": (180, 250)}
-
-
-@torch.no_grad()
-def randomize(model: torch.nn.Module) -> None:
-    """Fan-in scaled weights, norm scales around 1, random biases and BN statistics."""
-    for name, p in model.named_parameters():
-        if name.endswith("relative_position_bias_table"):
-            p.normal_(0.0, 0.5)
-        elif p.ndim >= 2:
-            p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()))
-        elif "norm" in name and name.endswith("weight"):
-            p.normal_(1.0, 0.2)
-        else:
-            p.normal_(0.0, 0.2)
-    for name, b in model.named_buffers():
-        if name.endswith("running_mean"):
-            b.normal_(0.0, 0.2)
-        elif name.endswith("running_var"):
-            b.uniform_(0.5, 2.0)
 
 
 def photo(width: int, height: int, rng: np.random.Generator) -> Image.Image:
