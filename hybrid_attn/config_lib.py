@@ -98,6 +98,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     init_checkpoint: str = ""  # used only when the workdir holds no checkpoint
     profile: bool = False  # True: a clu Profile trace of 5 steps into the workdir (process 0)
+    # > 0: each evaluation also writes attention-map images of this many eval images to
+    # TensorBoard (hybrid_attn.evaluate.attention_images); 0 writes none.
+    eval_attention_images: int = 0
 
     def __post_init__(self) -> None:
         checks = {
@@ -109,6 +112,7 @@ class TrainConfig:
                 self.num_train_steps == -1 or self.num_train_steps >= 1),
             "grad_accum_steps >= 1": self.grad_accum_steps >= 1,
             "keep_checkpoints >= 1": self.keep_checkpoints >= 1,
+            "eval_attention_images >= 0": self.eval_attention_images >= 0,
         }
         failed = [rule for rule, ok in checks.items() if not ok]
         if failed:

@@ -18,10 +18,11 @@ from clu import metrics
 from etils import epath
 from jax.sharding import Mesh
 
-from hybrid_attn import checkpoint, config_lib, sharding
+from hybrid_attn import checkpoint, config_lib, sharding, viz
 from hybrid_attn.convert import pretrained
 from hybrid_attn.data import input_pipeline
 from hybrid_attn.models.build import build_model
+from hybrid_attn.models.capture import attention_maps
 
 
 @flax.struct.dataclass
@@ -63,6 +64,16 @@ def evaluate(
         "loss": float(result["loss"]),
         "num_examples": int(merged.accuracy.count),
     }
+
+
+def attention_images(model: flax.linen.Module, variables: Any, images: np.ndarray,
+                     max_layers: int = 4) -> np.ndarray:
+    """uint8 ``[N * L, H, W, 3]`` TensorBoard pictures of what the model's first ``L <=
+    max_layers`` attention layers look at: each image with its centre query's head-mean
+    weights (:func:`hybrid_attn.viz.attention_summary_images`); empty for a model
+    without attention. Compiles one capturing forward pass per call."""
+    return viz.attention_summary_images(np.asarray(images),
+                                        attention_maps(model, variables, images), max_layers)
 
 
 def eval_variables(params: Any, batch_stats: Any, ema: Any = None) -> dict[str, Any]:

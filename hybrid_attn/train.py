@@ -383,6 +383,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         every_secs=None,
     )
 
+    attention_inputs = None  # the first eval images, for TensorBoard attention pictures
+    if config.get("eval_attention_images", 0) > 0:
+        first = next(iter(input_pipeline.eval_iterator(
+            input_cfg, input_cfg.eval_split, global_batch_size=config.eval_batch_size)))
+        attention_inputs = first["image"][:config.eval_attention_images]
+
     def run_eval(step: int) -> dict[str, float]:
         variables = evaluate.eval_variables(state.params, state.batch_stats, state.ema)
         batches = input_pipeline.eval_iterator(
@@ -390,6 +396,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
         result = evaluate.evaluate(eval_step_fn, variables, batches, mesh)
         writer.write_scalars(step, {f"eval_{k}": v for k, v in result.items()})
+        if attention_inputs is not None:  # config.eval_attention_images > 0
+            pictures = evaluate.attention_images(model, variables, attention_inputs)
+            if len(pictures):
+                writer.write_images(step, {"eval_attention": pictures})
         logging.info("step %d/%d eval on %r: accuracy %.4f, loss %.4f (%d examples)", step,
                      total_steps, input_cfg.eval_split, result["accuracy"], result["loss"],
                      result["num_examples"])

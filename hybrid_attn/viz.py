@@ -183,18 +183,26 @@ def attention_overlay(image: np.ndarray, cells: np.ndarray, alpha: float = 0.6) 
     return np.round((1 - a) * base + a * red).astype(np.uint8)
 
 
-def attention_summary_images(images: np.ndarray, maps: Sequence[Any],
-                             max_layers: int = 4) -> np.ndarray:
-    """uint8 ``[N, H, W, 3]`` for ``writer.write_images``: for the first image and each of
-    up to ``max_layers`` captured layers (:class:`~hybrid_attn.models.capture.AttentionMap`),
-    the head-averaged weights of the query at the centre of the map, with the key grid
-    stretched over the image."""
+def attention_summary_images(images: np.ndarray, maps: Sequence[Any], max_layers: int = 4,
+                             min_size: int = 128) -> np.ndarray:
+    """uint8 ``[N * L, H', W', 3]`` for ``writer.write_images``: for each of the ``N``
+    images and each of up to ``L = max_layers`` captured layers
+    (:class:`~hybrid_attn.models.capture.AttentionMap`, image-major), the head-averaged
+    weights of the query at the centre of the map, with the key grid stretched over the
+    image. Images smaller than ``min_size`` pixels are enlarged by a whole factor
+    (nearest neighbour) so TensorBoard shows them at a readable size."""
+    images = np.asarray(images)
+    scale = max(1, -(-min_size // max(images.shape[1], 1)))
     out = []
-    for m in list(maps)[:max_layers]:
-        w = np.asarray(m.weights[0])
-        centre = (m.query_hw[0] // 2, m.query_hw[1] // 2)
-        out.append(attention_overlay(images[0], query_maps(w, centre).mean(axis=0)))
-    return np.stack(out) if out else np.zeros((0, *images.shape[1:3], 3), np.uint8)
+    for b in range(images.shape[0]):
+        for m in list(maps)[:max_layers]:
+            w = np.asarray(m.weights[b])
+            centre = (m.query_hw[0] // 2, m.query_hw[1] // 2)
+            over = attention_overlay(images[b], query_maps(w, centre).mean(axis=0))
+            out.append(over.repeat(scale, axis=0).repeat(scale, axis=1))
+    if not out:
+        return np.zeros((0, images.shape[1] * scale, images.shape[2] * scale, 3), np.uint8)
+    return np.stack(out)
 
 
 def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -170,14 +170,21 @@ def test_upsample_overlay_and_confusion():
     np.testing.assert_array_equal(cm, brute)
 
 
-def test_summary_images_mark_the_centre_query():
+def test_summary_images_mark_the_centre_query_of_every_image_and_layer():
     layer = Attention(num_heads=2, pattern=Blocked(2))
-    m, _ = captured(layer, jax.random.normal(jax.random.PRNGKey(10), (1, 4, 4, 8)))
-    images = viz.attention_summary_images(np.zeros((1, 8, 8, 3)), [m])
-    assert images.shape == (1, 8, 8, 3) and images.dtype == np.uint8
-    # The centre query (2, 2) sees only its 2x2 block: pixels 4..8 of the 8x8 image.
-    assert (images[0, 4:, 4:, 0] > 0).all()
-    assert (images[0, :4].sum() == 0) and (images[0, :, :4].sum() == 0)
+    m, _ = captured(layer, jax.random.normal(jax.random.PRNGKey(10), (2, 4, 4, 8)))
+    images = viz.attention_summary_images(np.zeros((2, 8, 8, 3)), [m, m], min_size=0)
+    assert images.shape == (4, 8, 8, 3) and images.dtype == np.uint8  # 2 images x 2 layers
+    for picture in images:
+        # The centre query (2, 2) sees only its 2x2 block: pixels 4..8 of the 8x8 image.
+        assert (picture[4:, 4:, 0] > 0).all()
+        assert (picture[:4].sum() == 0) and (picture[:, :4].sum() == 0)
+    # Small inputs are enlarged by a whole factor, each pixel a block.
+    big = viz.attention_summary_images(np.zeros((1, 8, 8, 3)), [m], min_size=20)
+    assert big.shape == (1, 24, 24, 3)
+    np.testing.assert_array_equal(big[0, ::3, ::3], images[0])
+    assert viz.attention_summary_images(np.zeros((1, 8, 8, 3)), [], min_size=0).shape == (
+        0, 8, 8, 3)
 
 
 def test_read_scalars_reads_clu_events(tmp_path):
