@@ -1,5 +1,5 @@
-"""Depthwise convolution: both lowerings against lax.conv and a brute-force loop, forward
-and both gradients; the module's variables and outputs against nn.Conv's."""
+"""Depthwise and dense convolutions: every lowering against lax.conv and a brute-force loop,
+forward and both gradients; the modules' variables and outputs against nn.Conv's."""
 
 import flax.linen as nn
 import jax
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hybrid_attn.models.layers.conv import DepthwiseConv, depthwise_conv
+from hybrid_attn.models.layers.conv import Conv, DepthwiseConv, conv2d, depthwise_conv
 
 CASES = [((1, 1), "SAME"), ((2, 2), "SAME"), ((2, 1), "VALID"), ((2, 2), ((1, 0), (2, 1)))]
 
@@ -118,3 +118,84 @@ def test_bad_shapes_and_options_are_named():
         depthwise_conv(x, jnp.zeros((3, 3, 1, 4)), impl="fast")
     with pytest.raises(ValueError, match="padding must be 'SAME', 'VALID', an int or 2"):
         depthwise_conv(x, jnp.zeros((3, 3, 1, 4)), padding=((1, 1),))
+
+
+def dense_loop_reference(x, kernel, strides, padding, g):
+    """Dense conv output and the gradients of sum(output * g), by plain loops."""
+    b, h, w, _ = x.shape
+    k = kernel.shape[0]
+    (pt, pb), (pl, pr) = _pads(h, w, k, strides, padding)
+    xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    oh = (h + pt + pb - k) // strides[0] + 1
+    ow = (w + pl + pr - k) // strides[1] + 1
+    y = np.zeros((b, oh, ow, kernel.shape[-1]))
+    dxp, dk = np.zeros_like(xp), np.zeros_like(kernel)
+    for i in range(oh):
+        for j in range(ow):
+            for di in range(k):
+                for dj in range(k):
+                    r, s = i * strides[0] + di, j * strides[1] + dj
+                    y[:, i, j] += xp[:, r, s] @ kernel[di, dj]
+                    dxp[:, r, s] += g[:, i, j] @ kernel[di, dj].T
+                    dk[di, dj] += xp[:, r, s].T @ g[:, i, j]
+    return y, dxp[:, pt:pt + h, pl:pl + w], dk
+
+
+DENSE_CASES = [(1, (1, 1), "SAME"), (1, (2, 2), "SAME"), (1, (2, 1), ((1, 0), (0, 2))),
+               (1, (2, 2), "VALID"), (3, (1, 1), "SAME"), (3, (2, 2), ((1, 1), (1, 1)))]
+
+
+@pytest.mark.parametrize("impl", ["dot", "native", "auto"])
+@pytest.mark.parametrize("k,strides,padding", DENSE_CASES)
+def test_dense_forward_and_gradients_match_loop_and_lax_conv(impl, k, strides, padding):
+    if impl == "dot" and k != 1:
+        pytest.skip("the dot form is for 1x1 kernels")
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(10), (2, 9, 7, 5)), np.float64)
+    kernel = np.asarray(jax.random.normal(jax.random.PRNGKey(11), (k, k, 5, 6)), np.float64)
+    xf, kf = jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32)
+    lax_conv = jax.lax.conv_general_dilated(xf, kf, strides, padding,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    g = np.asarray(jax.random.normal(jax.random.PRNGKey(12), lax_conv.shape), np.float64)
+    y_ref, dx_ref, dk_ref = dense_loop_reference(x, kernel, strides, padding, g)
+    y, vjp = jax.vjp(lambda x, k: conv2d(x, k, strides, padding, impl=impl), xf, kf)
+    dx, dk = vjp(jnp.asarray(g, jnp.float32))
+    np.testing.assert_allclose(lax_conv, y_ref, atol=1e-4)  # the loop reads padding as lax
+    np.testing.assert_allclose(y, y_ref, atol=1e-4)
+    np.testing.assert_allclose(dx, dx_ref, atol=1e-4)
+    np.testing.assert_allclose(dk, dk_ref, atol=1e-4)
+
+
+def test_dense_cpu_lowering_of_1x1_is_a_dot():
+    x = jax.random.normal(jax.random.PRNGKey(13), (2, 8, 8, 16))
+    kernel = jax.random.normal(jax.random.PRNGKey(14), (1, 1, 16, 32))
+    grad = jax.grad(lambda x, k: jnp.sum(conv2d(x, k, 2) ** 2), argnums=(0, 1))
+    hlo = jax.jit(grad).lower(x, kernel).compile().as_text()
+    assert " convolution(" not in hlo and " dot(" in hlo  # HLO ops, not names
+
+
+def test_dense_module_has_nn_conv_variables_and_output():
+    x = jax.random.normal(jax.random.PRNGKey(15), (2, 9, 6, 12))
+    for kw in (dict(features=8, kernel_size=(1, 1), strides=2, use_bias=False),
+               dict(features=8, kernel_size=(3, 3), padding=((1, 1), (1, 1))),
+               dict(features=8, kernel_size=(3, 3), feature_group_count=4)):
+        ref = nn.Conv(**kw)
+        variables = ref.init(jax.random.PRNGKey(16), x)
+        ours = Conv(**kw)
+        # Same names, shapes and (same key) initial values: checkpoints stay valid.
+        init = ours.init(jax.random.PRNGKey(16), x)
+        jax.tree.map(np.testing.assert_array_equal, init, variables)
+        np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x),
+                                   atol=1e-5)
+    y = Conv(8, (1, 1), dtype=jnp.bfloat16).apply(
+        Conv(8, (1, 1)).init(jax.random.PRNGKey(17), x), x)
+    assert y.dtype == jnp.bfloat16 and y.shape == (2, 9, 6, 8)
+
+
+def test_dense_bad_shapes_and_options_are_named():
+    x = jnp.zeros((1, 8, 8, 4))
+    with pytest.raises(ValueError, match=r"kernel \[kh, kw, Cin / groups, Cout\], got x"):
+        conv2d(x, jnp.zeros((3, 3, 3, 4)))
+    with pytest.raises(ValueError, match="impl='dot' needs an ungrouped 1x1 kernel"):
+        conv2d(x, jnp.zeros((3, 3, 4, 4)), impl="dot")
+    with pytest.raises(ValueError, match="impl must be 'auto', 'dot' or 'native'"):
+        conv2d(x, jnp.zeros((1, 1, 4, 4)), impl="fast")
