@@ -20,20 +20,24 @@ def to_layout(variables, fn):
                 for k, t in tree.items()} for c, tree in variables.items()}
 
 
-@pytest.fixture(scope="module")
-def plain():
-    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
-    model = CoAtNet(**KW)
-    return model, model.init(jax.random.PRNGKey(0), x, train=False), x
-
-
 def loss_and_stats(model, variables, x):
+    """Training-mode logits, BatchNorm updates and parameter gradients (op by op: on CPU
+    that is cheaper here than compiling the whole backward pass of each variant)."""
     def loss(params):
         y, upd = model.apply({**variables, "params": params}, x, train=True,
                              mutable=["batch_stats"])
         return jnp.sum(y * jnp.arange(5.0)), (y, upd["batch_stats"])
     (_, (y, stats)), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
     return y, stats, grads
+
+
+@pytest.fixture(scope="module")
+def plain():
+    """The unrolled model, its variables, an input, and its training-mode results."""
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    model = CoAtNet(**KW)
+    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+    return model, variables, x, loss_and_stats(model, variables, x)
 
 
 def close(a, b):
@@ -45,13 +49,12 @@ def close(a, b):
 @pytest.mark.slow
 @pytest.mark.parametrize("scan, remat", [(False, "block"), (True, "none"), (True, "block")])
 def test_switches_equal_plain_path(plain, scan, remat):
-    model, variables, x = plain
+    model, variables, x, (y, stats, grads) = plain
     fast = CoAtNet(**KW, scan_blocks=scan, remat=remat)
     moved = to_layout(variables, stack_blocks) if scan else variables
     init = fast.init(jax.random.PRNGKey(0), x, train=False)
     assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, moved)
     close(fast.apply(moved, x, train=False), model.apply(variables, x, train=False))
-    y, stats, grads = loss_and_stats(model, variables, x)
     fy, fstats, fgrads = loss_and_stats(fast, moved, x)
     back = (lambda t: to_layout({"v": t}, lambda s, d: unstack_blocks(s) if d > 1 else s)["v"]
             ) if scan else (lambda t: t)
@@ -61,7 +64,7 @@ def test_switches_equal_plain_path(plain, scan, remat):
 
 
 def test_stack_unstack_round_trip(plain):
-    _, variables, _ = plain
+    _, variables, _, _ = plain
     stage = variables["params"]["stage3"]
     stacked = stack_blocks(stage, 3)
     assert sorted(stacked) == ["block0", "blocks"]
@@ -71,7 +74,7 @@ def test_stack_unstack_round_trip(plain):
 
 
 def test_bad_switches_fail_clearly(plain):
-    _, _, x = plain
+    _, _, x, _ = plain
     with pytest.raises(ValueError, match="remat must be one of"):
         CoAtNet(**KW, remat="full").init(jax.random.PRNGKey(0), x, train=False)
     with pytest.raises(ValueError, match="one drop-path rate"):
