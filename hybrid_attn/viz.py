@@ -9,6 +9,10 @@ query-map cells one key covers; ``(r, r)`` for Twins' sub-sampled keys).
 
 Coordinates are ``(row, col)`` cells of the layer's query map unless a name says pixels.
 A query map of ``Hq`` rows over an image of ``H`` pixels has ``H / Hq`` pixels per cell.
+
+``colabs/attention_explained.ipynb`` draws every picture here for each attention family,
+``colabs/train_and_compare.ipynb`` the curves, confusion matrix and image grids, and
+``hybrid_attn.evaluate.attention_images`` the TensorBoard summaries.
 """
 
 from __future__ import annotations
@@ -126,11 +130,13 @@ def mean_queries(model: Any, variables: Any, images: Any, attention_path: str,
     positions -- the typical query for :func:`relative_logit_profile`. Read from the
     layer's fused ``qkv`` projection (queries first) with flax's ``capture_intermediates``.
     """
+    import jax
+
     target = f"{attention_path}/qkv"
-    _, state = model.apply(
-        variables, images, train=False, mutable=["intermediates"],
+    state = jax.jit(lambda v, x: model.apply(
+        v, x, train=False, mutable=["intermediates"],
         capture_intermediates=lambda mdl, _: "/".join(mdl.path) == target,
-    )
+    )[1])(variables, images)
     node = state.get("intermediates", {})
     for part in target.split("/"):
         if part not in node:
