@@ -142,14 +142,15 @@ def dense_loop_reference(x, kernel, strides, padding, g):
 
 
 DENSE_CASES = [(1, (1, 1), "SAME"), (1, (2, 2), "SAME"), (1, (2, 1), ((1, 0), (0, 2))),
-               (1, (2, 2), "VALID"), (3, (1, 1), "SAME"), (3, (2, 2), ((1, 1), (1, 1)))]
+               (1, (2, 2), "VALID"), (3, (1, 1), "SAME"), (3, (2, 2), ((1, 1), (1, 1))),
+               (2, (2, 2), "VALID"), (3, (3, 3), "VALID"), (2, (2, 2), ((1, 0), (0, 1)))]
 
 
 @pytest.mark.parametrize("impl", ["dot", "native", "auto"])
 @pytest.mark.parametrize("k,strides,padding", DENSE_CASES)
 def test_dense_forward_and_gradients_match_loop_and_lax_conv(impl, k, strides, padding):
-    if impl == "dot" and k != 1:
-        pytest.skip("the dot form is for 1x1 kernels")
+    if impl == "dot" and k != 1 and (strides != (k, k) or padding != "VALID"):
+        pytest.skip("the dot form is for 1x1 kernels and non-overlapping unpadded patches")
     x = np.asarray(jax.random.normal(jax.random.PRNGKey(10), (2, 9, 7, 5)), np.float64)
     kernel = np.asarray(jax.random.normal(jax.random.PRNGKey(11), (k, k, 5, 6)), np.float64)
     xf, kf = jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32)
@@ -165,10 +166,11 @@ def test_dense_forward_and_gradients_match_loop_and_lax_conv(impl, k, strides, p
     np.testing.assert_allclose(dk, dk_ref, atol=1e-4)
 
 
-def test_dense_cpu_lowering_of_1x1_is_a_dot():
-    x = jax.random.normal(jax.random.PRNGKey(13), (2, 8, 8, 16))
-    kernel = jax.random.normal(jax.random.PRNGKey(14), (1, 1, 16, 32))
-    grad = jax.grad(lambda x, k: jnp.sum(conv2d(x, k, 2) ** 2), argnums=(0, 1))
+@pytest.mark.parametrize("k,padding", [(1, "SAME"), (2, "VALID")])
+def test_dense_cpu_lowering_of_1x1_and_patches_is_a_dot(k, padding):
+    x = jax.random.normal(jax.random.PRNGKey(13), (2, 8, 9, 16))
+    kernel = jax.random.normal(jax.random.PRNGKey(14), (k, k, 16, 32))
+    grad = jax.grad(lambda x, k: jnp.sum(conv2d(x, k, 2, padding) ** 2), argnums=(0, 1))
     hlo = jax.jit(grad).lower(x, kernel).compile().as_text()
     assert " convolution(" not in hlo and " dot(" in hlo  # HLO ops, not names
 
@@ -177,7 +179,8 @@ def test_dense_module_has_nn_conv_variables_and_output():
     x = jax.random.normal(jax.random.PRNGKey(15), (2, 9, 6, 12))
     for kw in (dict(features=8, kernel_size=(1, 1), strides=2, use_bias=False),
                dict(features=8, kernel_size=(3, 3), padding=((1, 1), (1, 1))),
-               dict(features=8, kernel_size=(3, 3), feature_group_count=4)):
+               dict(features=8, kernel_size=(3, 3), feature_group_count=4),
+               dict(features=8, kernel_size=(2, 2), strides=2, padding="VALID")):
         ref = nn.Conv(**kw)
         variables = ref.init(jax.random.PRNGKey(16), x)
         ours = Conv(**kw)
@@ -195,7 +198,7 @@ def test_dense_bad_shapes_and_options_are_named():
     x = jnp.zeros((1, 8, 8, 4))
     with pytest.raises(ValueError, match=r"kernel \[kh, kw, Cin / groups, Cout\], got x"):
         conv2d(x, jnp.zeros((3, 3, 3, 4)))
-    with pytest.raises(ValueError, match="impl='dot' needs an ungrouped 1x1 kernel"):
+    with pytest.raises(ValueError, match="impl='dot' needs an ungrouped 1x1 kernel or non-"):
         conv2d(x, jnp.zeros((3, 3, 4, 4)), impl="dot")
     with pytest.raises(ValueError, match="impl must be 'auto', 'dot' or 'native'"):
         conv2d(x, jnp.zeros((1, 1, 4, 4)), impl="fast")

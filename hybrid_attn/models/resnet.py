@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hybrid_attn.models.layers.conv import Conv
 from hybrid_attn.models.layers.non_local import NonLocalBlock
 from hybrid_attn.models.layers.norm import batch_norm
 from hybrid_attn.models.layers.regularization import DropPath, drop_path_rates
@@ -47,14 +48,16 @@ StemFactory = Callable[..., nn.Module]
 def conv(
     features: int, kernel: int, strides: int = 1, *, name: str, dtype: Dtype,
     param_dtype: Dtype, groups: int = 1,
-) -> nn.Conv:
+) -> Conv:
     """A bias-free square conv padded by ``kernel // 2`` on every side (``groups`` channel
     groups: grouped convolution as in ResNeXt).
 
     Symmetric padding (PyTorch's) rather than "SAME": for stride 2 on an even input SAME
     pads (k//2 - 1, k//2), which shifts every output pixel relative to published weights.
+    :class:`Conv` has nn.Conv's variables and computes 1x1 convolutions as matrix products
+    on CPU (layers/conv.py).
     """
-    return nn.Conv(
+    return Conv(
         features, (kernel, kernel), (strides, strides), padding=[(kernel // 2, kernel // 2)] * 2,
         use_bias=False, feature_group_count=groups, dtype=dtype, param_dtype=param_dtype,
         name=name, kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),

@@ -13,7 +13,10 @@ time through ``jax.lax.platform_dependent``. :class:`DepthwiseConv` has the vari
 Dense convolutions (:func:`conv2d`, :class:`Conv`): XLA:CPU's kernel gradient of a 1x1
 convolution is slow (8x56x56, 256->64: 72 ms CPU time for forward and both gradients, 33 ms
 as a matrix product; a strided 256->512 shortcut 193 ms against 56 ms), so on CPU a 1x1
-convolution is a strided slice and a ``dot_general`` over the flattened pixels. For larger
+convolution is a strided slice and a ``dot_general`` over the flattened pixels, and a
+convolution over non-overlapping patches (kernel = stride: patch embeddings, Twins' GSA
+key reduction, whose input gradient XLA:CPU computed 5x slower) a space-to-depth reshape
+and a ``dot_general``. For larger
 kernels the native convolution stayed the fastest measured form on XLA:CPU (a custom VJP
 whose kernel gradient was a sum of shifted matrix products, and im2col, were 1.3-4x slower
 for ResNet's 3x3 and 7x7 stem convolutions), so they keep it on every backend.
@@ -23,6 +26,7 @@ for ResNet's 3x3 and 7x7 stem convolutions), so they keep it on every backend.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -144,15 +148,28 @@ def _pointwise_dot(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
     return y.reshape(b, h, w, -1)
 
 
+def _patches_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A convolution whose stride equals its kernel and which pads nothing (patch
+    embeddings, Twins' GSA key reduction) as a space-to-depth reshape and one matrix
+    product; rows and columns past the last whole patch are dropped, as VALID drops them."""
+    (p, q), (b, h, w, c) = kernel.shape[:2], x.shape
+    oh, ow = h // p, w // q
+    x = x[:, :oh * p, :ow * q].reshape(b, oh, p, ow, q, c).transpose(0, 1, 3, 2, 4, 5)
+    y = lax.dot_general(x.reshape(b * oh * ow, p * q * c), kernel.reshape(p * q * c, -1),
+                        (((1,), (0,)), ((), ())))
+    return y.reshape(b, oh, ow, -1)
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = (1, 1),
            padding: Padding = "SAME", feature_group_count: int = 1,
            impl: str = "auto") -> jax.Array:
     """2-D convolution of NHWC ``x`` [B, H, W, Cin] with ``kernel`` [kh, kw, Cin / groups,
     Cout], equal to ``lax.conv_general_dilated``.
 
-    ``impl="auto"`` computes an ungrouped 1x1 convolution as a matrix product on CPU and
+    ``impl="auto"`` computes an ungrouped 1x1 convolution, or one over non-overlapping
+    patches (stride equal to the kernel, no padding), as a matrix product on CPU, and
     every other convolution (and every convolution on GPU/TPU) natively; ``"dot"`` and
-    ``"native"`` force one form (``"dot"`` only for ungrouped 1x1 kernels).
+    ``"native"`` force one form (``"dot"`` only for those two kinds).
     """
     if (x.ndim != 4 or kernel.ndim != 4 or feature_group_count < 1
             or kernel.shape[2] * feature_group_count != x.shape[-1]
@@ -162,20 +179,27 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = (1, 1
                          f"{feature_group_count} groups")
     strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
     pads = _pads(x.shape[1:3], kernel.shape[:2], strides, padding)
-    pointwise = kernel.shape[:2] == (1, 1) and feature_group_count == 1
-    if impl == "native" or (impl == "auto" and not pointwise):
+    ungrouped = feature_group_count == 1
+    patches = (ungrouped and kernel.shape[:2] == strides and kernel.shape[:2] != (1, 1)
+               and not any(p for pair in pads for p in pair))
+    if ungrouped and kernel.shape[:2] == (1, 1):
+        dot = functools.partial(_pointwise_dot, strides=strides, pads=pads)
+    elif patches:
+        dot = _patches_dot
+    else:
+        dot = None
+    if impl == "native" or (impl == "auto" and dot is None):
         return _dense_native(x, kernel, strides, pads, feature_group_count)
     if impl == "dot":
-        if not pointwise:
-            raise ValueError("impl='dot' needs an ungrouped 1x1 kernel, got kernel "
-                             f"{kernel.shape} and {feature_group_count} groups")
-        return _pointwise_dot(x, kernel, strides, pads)
+        if dot is None:
+            raise ValueError("impl='dot' needs an ungrouped 1x1 kernel or non-overlapping "
+                             f"unpadded patches, got kernel {kernel.shape}, strides {strides}, "
+                             f"padding {pads} and {feature_group_count} groups")
+        return dot(x, kernel)
     if impl != "auto":
         raise ValueError(f"impl must be 'auto', 'dot' or 'native', got {impl!r}")
     return lax.platform_dependent(
-        x, kernel,
-        cpu=lambda x, k: _pointwise_dot(x, k, strides, pads),
-        default=lambda x, k: _dense_native(x, k, strides, pads, 1))
+        x, kernel, cpu=dot, default=lambda x, k: _dense_native(x, k, strides, pads, 1))
 
 
 class Conv(nn.Module):

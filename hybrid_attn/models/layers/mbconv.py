@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hybrid_attn.models.layers.conv import DepthwiseConv
+from hybrid_attn.models.layers.conv import Conv, DepthwiseConv
 from hybrid_attn.models.layers.norm import batch_norm
 from hybrid_attn.models.layers.pooling import avg_pool2
 from hybrid_attn.models.layers.regularization import DropPath
@@ -133,7 +133,7 @@ class MBConv(nn.Module):
 
         shortcut = self.shortcut_pool(x) if s == 2 else x
         if shortcut.shape[-1] != self.features:
-            shortcut = nn.Conv(self.features, (1, 1), use_bias=self.output_bias,
+            shortcut = Conv(self.features, (1, 1), use_bias=self.output_bias,
                                kernel_init=conv_init, name="shortcut", **kw)(shortcut)
 
         y = bn("pre_norm")(x)
@@ -141,7 +141,7 @@ class MBConv(nn.Module):
             y = self.activation(y)
         if self.stride_at == "pool" and s == 2:
             y = avg_pool2(y)
-        y = nn.Conv(hidden, (1, 1), expand_s, use_bias=False, kernel_init=conv_init,
+        y = Conv(hidden, (1, 1), expand_s, use_bias=False, kernel_init=conv_init,
                     name="expand_conv", **kw)(y)
         y = self.activation(bn("expand_norm")(y))
         k, p = self.kernel_size, (self.kernel_size - 1) // 2
@@ -151,6 +151,6 @@ class MBConv(nn.Module):
                            activation=self.se_activation, name="se", **kw)
         y = self.activation(bn("dw_norm")(se(y) if self.se_early else y))
         y = y if self.se_early else se(y)
-        y = nn.Conv(self.features, (1, 1), use_bias=self.output_bias, kernel_init=conv_init,
+        y = Conv(self.features, (1, 1), use_bias=self.output_bias, kernel_init=conv_init,
                     name="project_conv", **kw)(y)
         return shortcut + DropPath(self.drop_path)(y, train=train)
