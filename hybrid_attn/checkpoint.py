@@ -74,6 +74,17 @@ def _describe(meta: dict[str, Any] | None) -> str:
     return f"{meta.get('model_name', '?')} ({meta.get('summary', '')})"
 
 
+def _wait_for_all_processes(name: str, timeout_s: float = 3600.0) -> None:
+    """A barrier of JAX's coordination service (long timeout; no-op in one process), met
+    before the manager's directory sync, a run's first collective. Gloo sets up its
+    connections there with a 30 s deadline; on a loaded 2-core machine, processes that
+    reached it far apart failed with "Gloo context initialization failed:
+    DEADLINE_EXCEEDED: GetKeyValue() timed out ... 30s"."""
+    if jax.process_count() > 1:
+        ocp.multihost.get_barrier_sync_fn()(key=f"hybrid_attn {name}",
+                                            timeout_ms=int(timeout_s * 1000))
+
+
 class Checkpointer:
     """Saves and restores the train state under ``<workdir>/checkpoints``.
 
@@ -84,6 +95,7 @@ class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3, meta: dict[str, Any] | None = None):
         self.directory = resolve(workdir) / "checkpoints"
         self.meta = dict(meta or {})
+        _wait_for_all_processes(f"checkpointer {self.directory}")  # see the function
         self._manager = _manager(self.directory, max_to_keep=keep, create=True)
 
     def latest_step(self) -> int | None:

@@ -66,16 +66,18 @@ def start(
                f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
                f"--process_id={i}", *args]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        threading.Thread(target=_copy_lines, args=(proc.stdout, f"[p{i}] ".encode(), output),
-                         daemon=True).start()
+        proc.copier = threading.Thread(  # joined by wait(): its output is complete then
+            target=_copy_lines, args=(proc.stdout, f"[p{i}] ".encode(), output), daemon=True)
+        proc.copier.start()
         procs.append(proc)
     return procs
 
 
 def wait(procs: Sequence[subprocess.Popen], *, timeout: float | None = None,
          grace: float = 20.0) -> list[int]:
-    """Waits for every process and returns their exit codes. Once one has failed, the
-    others get ``grace`` seconds and are then killed; past ``timeout`` all are killed."""
+    """Waits for every process and returns their exit codes, once their output is copied.
+    Once one has failed, the others get ``grace`` seconds and are then killed; past
+    ``timeout`` all are killed."""
     deadline = None if timeout is None else time.monotonic() + timeout
     failed_at = None
     while any(p.poll() is None for p in procs):
@@ -88,7 +90,11 @@ def wait(procs: Sequence[subprocess.Popen], *, timeout: float | None = None,
                 if p.poll() is None:
                     p.kill()
         time.sleep(0.05)
-    return [p.wait() for p in procs]
+    codes = [p.wait() for p in procs]
+    for p in procs:
+        if getattr(p, "copier", None) is not None:
+            p.copier.join(timeout=30)
+    return codes
 
 
 def signal_all(procs: Sequence[subprocess.Popen], signum: int) -> None:
