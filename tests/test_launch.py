@@ -1,10 +1,12 @@
 """Launch scripts in --dry-run mode (every command they would run), and the entry point's
-one-line answer to a config typo."""
+one-line answers to a config typo and to a bad config value."""
 
 import os
 import shlex
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,30 +57,63 @@ def test_gpu_slurm_dry_run_submits_then_runs_one_task_per_node_with_explicit_fla
                           "--config.seed=1"]
 
 
-def test_config_typo_is_one_line_naming_the_key(tmp_path):
-    """Finding 7 (entry point): a typo in an override printed a 59-line traceback."""
-    out = subprocess.run(
+@pytest.fixture(scope="module")
+def bad_invocations(tmp_path_factory):
+    """``python -m hybrid_attn.main`` with a config typo and with a bad value, both started
+    at once (each spends its seconds importing): name -> (exit code, stderr, workdir)."""
+    tmp = tmp_path_factory.mktemp("cli")
+    cases = {"typo": "--config.optim.learnin_rate=1", "batch_size": "--config.batch_size=0"}
+    procs = {name: subprocess.Popen(
         [sys.executable, "-m", "hybrid_attn.main", "--config=configs/coatnet0.py:digits",
-         "--config.optim.learnin_rate=1", f"--workdir={tmp_path}"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert out.returncode == 2
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
+         override, f"--workdir={tmp / name}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"}) for name, override in cases.items()}
+    results = {}
+    for name, p in procs.items():
+        stderr = p.communicate(timeout=300)[1]
+        results[name] = (p.returncode, stderr, tmp / name)
+    return results
+
+
+def test_config_typo_is_one_line_naming_the_key(bad_invocations):
+    """Finding 7 (entry point): a typo in an override printed a 59-line traceback."""
+    code, stderr, _ = bad_invocations["typo"]
+    assert code == 2
+    lines = [line for line in stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("Invalid flags:") and "learnin_rate" in lines[-1]
     assert "learning_rate" in lines[-1]
-    assert "Traceback" not in out.stderr
+    assert "Traceback" not in stderr
 
 
-def test_invalid_override_value_is_one_line_without_traceback(tmp_path):
+def test_invalid_override_value_is_one_line_without_traceback(bad_invocations):
     """Finding 7 (entry point): a well-formed override with a bad value (batch_size=0) is
     refused by the typed boundary in one line, before anything is built or written."""
-    out = subprocess.run(
-        [sys.executable, "-m", "hybrid_attn.main", "--config=configs/coatnet0.py:digits",
-         "--config.batch_size=0", f"--workdir={tmp_path / 'run'}"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert out.returncode == 1
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert "batch_size" in lines[-1], out.stderr[-2000:]
-    assert "Traceback" not in out.stderr
-    assert not (tmp_path / "run").exists()
+    code, stderr, workdir = bad_invocations["batch_size"]
+    assert code == 1
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "batch_size" in lines[-1], stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert not workdir.exists()
+
+
+def test_explicit_distributed_flags_come_together_or_not_at_all():
+    """Finding 5: outside a detected cluster, --jax_distributed died in jax ("Number of
+    processes must be defined"). The explicit flags run real processes in
+    test_multiprocess; a partial set is refused naming what is missing."""
+    from absl import flags
+    from absl.testing import flagsaver
+
+    from hybrid_attn import distributed
+
+    was_parsed = flags.FLAGS.is_parsed()
+    flags.FLAGS.mark_as_parsed()
+    try:
+        with flagsaver.flagsaver(jax_distributed=True, num_processes=2):
+            with pytest.raises(ValueError, match="also needs --coordinator_address, --process_id"):
+                distributed.initialize_from_flags()
+        with flagsaver.flagsaver(process_id=1):
+            with pytest.raises(ValueError, match="--process_id need --jax_distributed"):
+                distributed.initialize_from_flags()
+    finally:
+        if not was_parsed:
+            flags.FLAGS.unparse_flags()
