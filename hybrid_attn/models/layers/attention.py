@@ -41,6 +41,7 @@ from hybrid_attn.models.layers.attention_kernels import (
     dense_block_weights,
     dot_product_attention,
 )
+from hybrid_attn.models.layers.conv import Conv
 from hybrid_attn.models.layers.pooling import avg_pool2
 from hybrid_attn.models.layers.position import Grid, LogitTerm, PositionTable
 
@@ -129,7 +130,7 @@ class Subsampled(Global):
             raise ValueError(f"GSA with sr_ratio={r} needs a feature map of at least {r}x{r}, "
                              f"got {h}x{w}; use a larger input")
         kw = dict(dtype=module.dtype, param_dtype=module.param_dtype)
-        kv = nn.Conv(c, (r, r), strides=(r, r), padding="VALID", name="sr", **kw)(x)
+        kv = Conv(c, (r, r), strides=(r, r), padding="VALID", name="sr", **kw)(x)
         return x, nn.LayerNorm(epsilon=self.norm_eps, name="norm", **kw)(kv)
 
 

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hybrid_attn.models.layers.conv import Conv
+
 Dtype = Any
 
 
@@ -40,7 +42,7 @@ class PatchEmbed(nn.Module):
                 f"PatchEmbed with patch size {p} needs a map of at least {p}x{p}, "
                 f"got {x.shape[1]}x{x.shape[2]}"
             )
-        x = nn.Conv(self.features, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="proj")(x)
+        x = Conv(self.features, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="proj")(x)
         return nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype,
                             param_dtype=self.param_dtype, name="norm")(x)
