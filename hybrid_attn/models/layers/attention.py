@@ -40,6 +40,7 @@ from hybrid_attn.models.layers.attention_kernels import (
     blocked_attention,
     dense_block_weights,
     dot_product_attention,
+    fused_dot_product_attention,
 )
 from hybrid_attn.models.layers.conv import Conv
 from hybrid_attn.models.layers.pooling import avg_pool2
@@ -97,12 +98,18 @@ class Global:
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, layout: Grid,
                position: LogitTerm | None, **kw) -> tuple[jax.Array, jax.Array]:
-        """``[B, Hq, Wq, heads, dv]`` outputs and ``[B, heads, Hq, Wq, Hk, Wk]`` weights."""
+        """``[B, Hq, Wq, heads, dv]`` outputs and ``[B, heads, Hq, Wq, Hk, Wk]`` weights
+        (None unless ``return_weights``: without weights or dropout the fused kernel runs)."""
         b, *q_hw, heads, d = q.shape
         flat = lambda t: t.reshape(b, -1, *t.shape[3:])
         scale = jnp.asarray(d**-0.5, q.dtype)
         bias = None if position is None else position(flat(q))
         rate, rng = kw.get("dropout_rate", 0.0), kw.get("dropout_rng")
+        if not kw.get("return_weights") and rate == 0.0:
+            # jax.nn.dot_product_attention: cuDNN's fused kernel on GPU (bf16), XLA elsewhere.
+            out = fused_dot_product_attention(flat(q), flat(k), flat(v), bias=bias,
+                                              scale=d**-0.5)
+            return out.reshape(*q.shape[:-1], -1), None
         out, weights = dot_product_attention(flat(q) * scale, flat(k), flat(v), bias=bias,
                                              dropout_rate=rate, dropout_rng=rng)
         return out.reshape(*q.shape[:-1], -1), weights.reshape(b, heads, *q_hw, *k.shape[1:3])

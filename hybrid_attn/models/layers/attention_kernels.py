@@ -4,7 +4,9 @@ No parameters and no scopes, so they run under ``vmap`` / ``lax.map`` and are te
 their own. :func:`dot_product_attention` attends over all keys; :func:`blocked_attention`
 attends from each query block to that block plus a halo (window attention, SASA's k x k
 neighbourhoods, HaloNet's haloed blocks, MaxViT's block attention), laid out by a
-:class:`BlockLayout`. Logits and the softmax always run in float32, and both return the
+:class:`BlockLayout`. :func:`fused_dot_product_attention` is the global kernel's fast path
+when no weights and no dropout are needed (``jax.nn.dot_product_attention``: cuDNN on GPU).
+Logits and the softmax always run in float32, and both return the
 softmax weights next to the output (for attention capture; unused weights cost nothing
 under ``jit``, and the blocked kernel builds them only when asked).
 
@@ -87,6 +89,34 @@ def dot_product_attention(
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         used = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
     return jnp.einsum("...hqk,...khd->...qhd", used.astype(v.dtype), v), weights
+
+
+def fused_dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                                bias: jax.Array | None = None, scale: float = 1.0,
+                                backend: str | None = None) -> jax.Array:
+    """:func:`dot_product_attention`'s output (not its weights) through
+    ``jax.nn.dot_product_attention``: cuDNN's fused kernel on GPU for bfloat16/float16
+    inputs where cuDNN takes the shapes and the bias, XLA's implementation everywhere else
+    (float32 logits and softmax, like :func:`dot_product_attention`).
+
+    ``q`` ``[B, Nq, heads, d]`` (unscaled; ``scale`` multiplies the logits), ``k`` / ``v``
+    ``[B, Nk, heads, d]``, ``bias`` broadcastable to ``[B, heads, Nq, Nk]``. ``backend``
+    defaults to ``jax.default_backend()``. No dropout and no weights: callers that need
+    either use :func:`dot_product_attention`, as does a value width other than the key
+    width (timm's ECA BoTNet / HaloNet), which ``jax.nn.dot_product_attention`` rejects.
+    """
+    if v.shape[-1] != k.shape[-1]:
+        return dot_product_attention(q * jnp.asarray(scale, q.dtype), k, v, bias=bias)[0]
+    if bias is not None:
+        bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+    gpu = (backend or jax.default_backend()) in ("gpu", "cuda")
+    if gpu and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:  # cuDNN rejects some head sizes, sequence lengths and bias layouts at trace time
+            return jax.nn.dot_product_attention(q, k, v, bias, scale=scale,
+                                                implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError, TypeError):
+            pass
+    return jax.nn.dot_product_attention(q, k, v, bias, scale=scale, implementation="xla")
 
 
 def block_side(n: int, max_block: int, window: int) -> int:
