@@ -6,6 +6,11 @@ The notebooks' pictures are computed by ``hybrid_attn.viz``, whose numbers are c
 against brute force in ``tests/test_viz.py``; here only that the notebooks run and write
 them. ``train_and_compare`` also turns on ``eval_attention_images`` for one of its runs, so
 its event files show the TensorBoard switch writes image summaries only when on.
+
+Cost: the four tiny trainings of attention_explained dominate (compiles, not steps). Measured
+on the shared 2-core machine under load 10-14: 548 s wall, 244 s CPU for the three notebooks
+(``/usr/bin/time pytest -q tests/test_notebooks.py``); the kernels' own CPU time was 100 s
+(attention_explained) + 30 s (quickstart) + 38 s (train_and_compare).
 """
 
 from __future__ import annotations
