@@ -116,8 +116,8 @@ class TrainConfig:
         }
         failed = [rule for rule, ok in checks.items() if not ok]
         if failed:
-            got = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                   if f.name != "model"}
+            got = ", ".join(f"{name}={getattr(self, name)!r}"
+                            for name in dict.fromkeys(rule.split()[0] for rule in failed))
             raise ValueError(f"Invalid config: need {'; '.join(failed)} (got {got})")
 
     @classmethod
