@@ -33,6 +33,7 @@ train=False, mutable=["attention"])[1]["attention"]``, nested by module path.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import flax.linen as nn
@@ -61,7 +62,13 @@ def attention_maps(model: nn.Module, variables: Mapping, images: jax.Array) -> l
     if getattr(images, "ndim", None) != 4:
         raise ValueError(f"attention_maps expects NHWC images, got shape "
                          f"{getattr(images, 'shape', None)}")
-    run = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["attention"])[1])
     maps: list[AttentionMap] = []
-    _collect(run(variables, images).get("attention", {}), maps)
+    _collect(_sown(model, variables, images).get("attention", {}), maps)
     return maps
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _sown(model: nn.Module, variables: Mapping, images: jax.Array) -> Mapping:
+    """The eval-mode forward pass's ``attention`` collection; one compile per model and
+    input shape (linen modules hash by their fields), reused by every later evaluation."""
+    return model.apply(variables, images, train=False, mutable=["attention"])[1]

@@ -102,7 +102,6 @@ class Global:
         (None unless ``return_weights``: without weights or dropout the fused kernel runs)."""
         b, *q_hw, heads, d = q.shape
         flat = lambda t: t.reshape(b, -1, *t.shape[3:])
-        scale = jnp.asarray(d**-0.5, q.dtype)
         bias = None if position is None else position(flat(q))
         rate, rng = kw.get("dropout_rate", 0.0), kw.get("dropout_rng")
         if not kw.get("return_weights") and rate == 0.0:
@@ -110,6 +109,7 @@ class Global:
             out = fused_dot_product_attention(flat(q), flat(k), flat(v), bias=bias,
                                               scale=d**-0.5)
             return out.reshape(*q.shape[:-1], -1), None
+        scale = jnp.asarray(d**-0.5, q.dtype)
         out, weights = dot_product_attention(flat(q) * scale, flat(k), flat(v), bias=bias,
                                              dropout_rate=rate, dropout_rng=rng)
         return out.reshape(*q.shape[:-1], -1), weights.reshape(b, heads, *q_hw, *k.shape[1:3])
