@@ -77,8 +77,9 @@ def bad_invocations(tmp_path_factory):
 
 def test_config_typo_is_one_line_naming_the_key(bad_invocations):
     """Finding 7 (entry point): a typo in an override printed a 59-line traceback."""
-    code, stderr, _ = bad_invocations["typo"]
+    code, stderr, workdir = bad_invocations["typo"]
     assert code == 2
+    assert not os.path.exists(workdir / "checkpoints")  # it failed before anything ran
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("Invalid flags:") and "learnin_rate" in lines[-1]
     assert "learning_rate" in lines[-1]
