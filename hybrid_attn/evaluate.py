@@ -140,7 +140,9 @@ def evaluate_checkpoint(
     if "preprocessing" in loaded["meta"]:  # imported by hybrid_attn.convert: timm's recipe
         input_cfg = pretrained.recorded_eval_input(input_cfg, loaded["meta"])
         model = pretrained.model_from_meta(loaded["meta"], dtype=model.dtype)
-    mesh = sharding.make_mesh()
+    # The evaluation replicates the weights; of config.sharding only the device count applies.
+    num_devices = sharding.ShardingConfig.from_config(config.get("sharding")).num_devices
+    mesh = sharding.config_mesh(sharding.ShardingConfig(num_devices=num_devices))
     sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     variables = jax.device_put(
         eval_variables(loaded["params"], loaded["batch_stats"], loaded["ema"]),

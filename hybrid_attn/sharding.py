@@ -40,10 +40,13 @@ class ShardingConfig:
 
     ``fsdp``: devices on the ``fsdp`` axis (1: replicate everything; -1: all devices);
     the ``data`` axis takes the remaining factor. ``rules``: ``(regex, kind)`` pairs,
-    first match wins, unmatched leaves are replicated.
+    first match wins, unmatched leaves are replicated. ``num_devices``: 0 (default) uses
+    every device of every process; N > 0 uses the first N devices of a one-process run
+    (a quick run on part of a host, or the tests' tiny trainings on 1 of 8 fake CPU devices).
     """
 
     fsdp: int = 1
+    num_devices: int = 0
     rules: tuple[tuple[str, str], ...] = ((".*", "fsdp"),)
     min_fsdp_elements: int = 2**12
 
@@ -52,6 +55,9 @@ class ShardingConfig:
         object.__setattr__(self, "rules", rules)
         if self.fsdp == 0 or self.fsdp < -1:
             raise ValueError(f"sharding.fsdp must be >= 1 or -1 (all devices), got {self.fsdp}")
+        if self.num_devices < 0:
+            raise ValueError(f"sharding.num_devices must be 0 (all devices) or a device "
+                             f"count >= 1, got {self.num_devices}")
         for regex, kind in rules:
             if kind not in RULE_KINDS:
                 raise ValueError(f"sharding rule {regex!r}: kind must be one of {RULE_KINDS}, "
@@ -81,6 +87,21 @@ def make_mesh(devices: Sequence[jax.Device] | None = None, fsdp: int = 1) -> Mes
     if fsdp < 1 or n % fsdp:
         raise ValueError(f"sharding.fsdp={fsdp} must divide the device count {n} (or be -1)")
     return Mesh(np.asarray(devices, dtype=object).reshape(n // fsdp, fsdp), BATCH_AXES)
+
+
+def config_mesh(cfg: ShardingConfig) -> Mesh:
+    """The mesh of ``config.sharding``: :func:`make_mesh` over every device, or over the
+    first ``num_devices`` of a one-process run (a clear error otherwise)."""
+    if not cfg.num_devices:
+        return make_mesh(fsdp=cfg.fsdp)
+    available = jax.devices()
+    if jax.process_count() > 1:
+        raise ValueError(f"sharding.num_devices={cfg.num_devices} is for one-process runs; "
+                         f"this run has {jax.process_count()} processes (use 0: all devices)")
+    if cfg.num_devices > len(available):
+        raise ValueError(f"sharding.num_devices={cfg.num_devices} exceeds the "
+                         f"{len(available)} devices of this process")
+    return make_mesh(available[:cfg.num_devices], fsdp=cfg.fsdp)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -326,7 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     final evaluation metrics on the config's eval split."""
     config_lib.check(config)  # bad values fail here in one line, before any work
     sharding_cfg = sharding.ShardingConfig.from_config(config.get("sharding"))
-    mesh = sharding.make_mesh(fsdp=sharding_cfg.fsdp)
+    mesh = sharding.config_mesh(sharding_cfg)
     grad_accum_steps = config.get("grad_accum_steps", 1)
     if grad_accum_steps < 1 or config.batch_size % grad_accum_steps:
         raise ValueError(f"grad_accum_steps={grad_accum_steps} must be >= 1 and divide "

@@ -45,6 +45,21 @@ def test_sharding_config_rejects_bad_values():
         sharding.ShardingConfig.from_config({"fsdpp": 8})
     with pytest.raises(ValueError, match="must divide the device count 8"):
         sharding.make_mesh(fsdp=3)
+    with pytest.raises(ValueError, match="num_devices must be 0"):
+        sharding.ShardingConfig(num_devices=-1)
+    with pytest.raises(ValueError, match="num_devices=9 exceeds the 8 devices"):
+        sharding.config_mesh(sharding.ShardingConfig(num_devices=9))
+
+
+def test_num_devices_takes_the_first_devices_and_0_takes_all():
+    every = sharding.config_mesh(sharding.ShardingConfig())
+    assert list(every.devices.flat) == jax.devices() and every.shape == {"data": 8, "fsdp": 1}
+    part = sharding.config_mesh(sharding.ShardingConfig(num_devices=4, fsdp=2))
+    assert list(part.devices.flat) == jax.devices()[:4] and part.shape == {"data": 2, "fsdp": 2}
+    one = sharding.config_mesh(sharding.ShardingConfig(num_devices=1))
+    batch = sharding.to_global({"x": np.arange(6.0).reshape(3, 2)}, one)["x"]
+    assert batch.sharding.device_set == {jax.devices()[0]}
+    np.testing.assert_array_equal(batch, np.arange(6.0).reshape(3, 2))
 
 
 class Mlp(nn.Module):

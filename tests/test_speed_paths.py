@@ -20,14 +20,23 @@ def to_layout(variables, fn):
                 for k, t in tree.items()} for c, tree in variables.items()}
 
 
+def init(model, x):
+    return jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(x)
+
+
+def logits(model, variables, x):
+    return jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+
+
 def loss_and_stats(model, variables, x):
-    """Training-mode logits, BatchNorm updates and parameter gradients (op by op: on CPU
-    that is cheaper here than compiling the whole backward pass of each variant)."""
+    """Training-mode logits, BatchNorm updates and parameter gradients (jitted: with
+    conftest's fast-compile flags one compile beats running the ops one by one)."""
     def loss(params):
         y, upd = model.apply({**variables, "params": params}, x, train=True,
                              mutable=["batch_stats"])
         return jnp.sum(y * jnp.arange(5.0)), (y, upd["batch_stats"])
-    (_, (y, stats)), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    (_, (y, stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        variables["params"])
     return y, stats, grads
 
 
@@ -36,7 +45,7 @@ def plain():
     """The unrolled model, its variables, an input, and its training-mode results."""
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
     model = CoAtNet(**KW)
-    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+    variables = init(model, x)
     return model, variables, x, loss_and_stats(model, variables, x)
 
 
@@ -52,9 +61,9 @@ def test_switches_equal_plain_path(plain, scan, remat):
     model, variables, x, (y, stats, grads) = plain
     fast = CoAtNet(**KW, scan_blocks=scan, remat=remat)
     moved = to_layout(variables, stack_blocks) if scan else variables
-    init = fast.init(jax.random.PRNGKey(0), x, train=False)
-    assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, moved)
-    close(fast.apply(moved, x, train=False), model.apply(variables, x, train=False))
+    shapes = jax.eval_shape(lambda x: fast.init(jax.random.PRNGKey(0), x, train=False), x)
+    assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, moved)
+    close(logits(fast, moved, x), logits(model, variables, x))
     fy, fstats, fgrads = loss_and_stats(fast, moved, x)
     back = (lambda t: to_layout({"v": t}, lambda s, d: unstack_blocks(s) if d > 1 else s)["v"]
             ) if scan else (lambda t: t)
@@ -89,7 +98,7 @@ def test_resnet_remat_equals_plain():
     from hybrid_attn.models.resnet import ResNet
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
     plain_model = ResNet(stage_sizes=(1, 2, 1, 1), width=4, num_classes=5)
-    variables = plain_model.init(jax.random.PRNGKey(0), x, train=False)
+    variables = init(plain_model, x)
     fast = ResNet(stage_sizes=(1, 2, 1, 1), width=4, num_classes=5, remat="block")
     y, stats, grads = loss_and_stats(plain_model, variables, x)
     fy, fstats, fgrads = loss_and_stats(fast, variables, x)

@@ -66,6 +66,7 @@ def _config(tmp_path, steps):
     c.data.data_dir = str(tmp_path / "data")
     c.log_every_steps, c.checkpoint_every_steps = 1, 1
     c.optim.grad_clip_norm = 0.0
+    c.sharding.num_devices = 1  # one of the 8 fake devices (faster; the mesh is not tested here)
     return c
 
 
