@@ -36,7 +36,7 @@ from hybrid_attn.models.layers.conv import Conv
 from hybrid_attn.models.layers.non_local import NonLocalBlock
 from hybrid_attn.models.layers.norm import batch_norm
 from hybrid_attn.models.layers.regularization import DropPath, drop_path_rates
-from hybrid_attn.models.layers.scan import remat_block
+from hybrid_attn.models.layers.scan import remat_block, same_factory, same_rate, scanned_blocks
 from hybrid_attn.models.layers.squeeze_excite import SqueezeExcite
 
 Dtype = Any
@@ -155,11 +155,24 @@ class ResNetStage(nn.Module):
     remat: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan_blocks: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         block = remat_block(BottleneckBlock, self.remat)
+        n = len(self.spatial)
+        scanned = self.scan_blocks and n > 1
+        if scanned:
+            self._check_scannable()
         for i, factory in enumerate(self.spatial):
+            if scanned and i == 1:
+                se = self.se_ratio if factory is None or self.se_in_spatial_blocks else 0.0
+                rate = same_rate(self.drop_path_rates[1:], f"ResNet {self.name}") \
+                    if self.drop_path_rates else 0.0
+                make = functools.partial(
+                    BottleneckBlock, self.features, 1, factory, se, self.activation, rate,
+                    dtype=self.dtype, param_dtype=self.param_dtype)
+                return scanned_blocks(make, n - 1, train=train, remat=self.remat)(x)
             if self.pre_blocks and self.pre_blocks[i] is not None:
                 name, pre = self.pre_blocks[i]
                 x = pre(name=name)(x, train=train)
@@ -170,6 +183,19 @@ class ResNetStage(nn.Module):
                 dtype=self.dtype, param_dtype=self.param_dtype, name=f"block{i}",
             )(x, train=train)
         return x
+
+    def _check_scannable(self) -> None:
+        """Blocks 1 .. n-1 must be one module: same spatial factory, no inserted block."""
+        rest = self.spatial[1:]
+        if not all(same_factory(f, rest[0]) for f in rest):
+            raise ValueError(f"ResNet {self.name}: scan_blocks needs the same spatial op in "
+                             f"blocks 1..{len(self.spatial) - 1}, got {tuple(rest)}; "
+                             "use scan_blocks=False")
+        pre = [i for i, p in enumerate(self.pre_blocks) if p is not None and i > 0]
+        if pre:
+            raise ValueError(f"ResNet {self.name}: scan_blocks cannot scan blocks with a "
+                             f"module inserted before them (blocks {pre}, e.g. non_local_stages)"
+                             "; use scan_blocks=False")
 
 
 class ResNet(nn.Module):
@@ -188,6 +214,15 @@ class ResNet(nn.Module):
       non_local_stages: stage indices that get a non-local block before their last block.
       drop_path_rate: stochastic depth rising linearly to this over all blocks.
       remat: "none" or "block" (each bottleneck under ``nn.remat``; same parameters).
+      scan_blocks: run blocks ``1 .. n-1`` of every stage with more than one block through
+        one ``nn.scan`` (layers/scan.py: parameters ``stageK/block0`` and
+        ``stageK/blocks/block`` with a leading axis of ``n - 1``; move a checkpoint with
+        ``stack_blocks``/``unstack_blocks``). The scanned blocks must be identical: same
+        spatial factory (compared with :func:`~hybrid_attn.models.layers.scan.same_factory`,
+        so subclasses such as BoTNet and SASA scan too), one drop-path rate (use
+        ``drop_path_rate=0``), and no inserted ``pre_block``; a stage that breaks this
+        (``non_local_stages``) raises a ValueError naming the stage rather than scanning
+        part of it.
     """
 
     stage_sizes: Sequence[int]
@@ -203,6 +238,7 @@ class ResNet(nn.Module):
     remat: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan_blocks: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -218,7 +254,8 @@ class ResNet(nn.Module):
                 1 if s == 0 else (self.last_stride if s == last else 2),
                 tuple(self.pre_block(s, i) for i in range(n)), self.se_ratio,
                 self.se_in_spatial_blocks, self.activation, rates[s], self.remat,
-                dtype=self.dtype, param_dtype=self.param_dtype, name=f"stage{s + 1}",
+                dtype=self.dtype, param_dtype=self.param_dtype, scan_blocks=self.scan_blocks,
+                name=f"stage{s + 1}",
             )(x, train=train)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         if self.num_classes == 0:

@@ -95,6 +95,20 @@ def same_rate(rates: Sequence[float], where: str) -> float:
     return rates[0]
 
 
+def same_factory(a: Any, b: Any) -> bool:
+    """Whether two block/spatial factories build the same module: ``functools.partial``
+    objects compare by identity, so partials are compared by func, args and keywords."""
+    if isinstance(a, functools.partial) and isinstance(b, functools.partial):
+        return (same_factory(a.func, b.func) and len(a.args) == len(b.args)
+                and all(same_factory(u, v) for u, v in zip(a.args, b.args))
+                and a.keywords.keys() == b.keywords.keys()
+                and all(same_factory(a.keywords[k], b.keywords[k]) for k in a.keywords))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 -- e.g. arrays: ambiguous truth value
+        return a is b
+
+
 def stack_blocks(stage: Mapping[str, Any], depth: int, prefix: str = "block") -> dict:
     """A stage's variables (one collection) from the unrolled layout (``block0`` ..
     ``block{depth-1}``) to the scanned one (``block0`` + ``blocks/block`` stacked)."""
