@@ -10,6 +10,7 @@ import pytest
 from hybrid_attn.models.botnet import BoTNet
 from hybrid_attn.models.layers.scan import same_factory, stack_blocks, unstack_blocks
 from hybrid_attn.models.resnet import ResNet
+from hybrid_attn.models.twins import PAIR_MEMBERS, Twins
 
 RESNET = dict(stage_sizes=(1, 3, 1, 2), width=4, num_classes=5)
 BOTNET = dict(stage_sizes=(1, 1, 1, 3), width=4, num_classes=5, last_stride=1, num_heads=2)
@@ -28,7 +29,7 @@ def run(model, variables, x):
     def loss(params):
         y, upd = model.apply({**variables, "params": params}, x, train=True,
                              mutable=["batch_stats"])
-        return jnp.sum(y * jnp.arange(5.0)), (y, upd["batch_stats"])
+        return jnp.sum(y * jnp.arange(5.0)), (y, upd.get("batch_stats", {}))
     (_, (y, stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
         variables["params"])
     return jax.jit(lambda v: model.apply(v, x, train=False))(variables), y, stats, grads
@@ -45,24 +46,25 @@ def _unstack(stage, depth):
     return unstack_blocks(stage)
 
 
-def check_equal(cls, kw, x, switches):
+def check_equal(cls, kw, x, switches, stack=stack_blocks, unstack=_unstack):
     plain = cls(**kw)
     variables = plain.init(jax.random.PRNGKey(0), x, train=False)
     ref = run(plain, variables, x)
     depths = kw.get("stage_sizes") or kw["depths"]
     for scan, remat in switches:
         fast = cls(**kw, scan_blocks=scan, remat=remat)
-        moved = to_layout(variables, depths, stack_blocks) if scan else variables
+        moved = to_layout(variables, depths, stack) if scan else variables
         shapes = jax.eval_shape(lambda x, m=fast: m.init(jax.random.PRNGKey(0), x, train=False), x)
         assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, moved)
         ev, y, stats, grads = run(fast, moved, x)
-        back = (lambda t: to_layout({"v": t}, depths, _unstack)["v"]) if scan else (lambda t: t)
+        back = (lambda t: to_layout({"v": t}, depths, unstack)["v"]) if scan else (lambda t: t)
         close(ev, ref[0])
         close(y, ref[1])
         close(back(stats), ref[2])
         close(back(grads), ref[3])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls, kw", [(ResNet, RESNET), (BoTNet, BOTNET)], ids=["resnet", "botnet"])
 def test_resnet_family_scan_equals_plain(cls, kw):
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
@@ -85,3 +87,53 @@ def test_resnet_scan_errors_and_default_tree():
     bot = BoTNet(**BOTNET)
     assert same_factory(bot.block_spatial(3, 1), bot.block_spatial(3, 2))
     assert not same_factory(bot.block_spatial(3, 1), None)
+
+
+TINY = dict(embed_dims=(8, 8, 8, 8), num_heads=(1, 1, 2, 1), mlp_ratios=(2, 2, 2, 2),
+            num_classes=5)
+SVT = dict(TINY, depths=(1, 2, 5, 1), window_sizes=(2, 2, 2, 2))
+PCPVT = dict(TINY, depths=(1, 3, 1, 1))
+
+
+def _svt_stack(stage, depth):
+    return stack_blocks(stage, depth, start=2, period=2, members=PAIR_MEMBERS)
+
+
+def _svt_unstack(stage, depth):
+    return unstack_blocks(stage, start=2, members=PAIR_MEMBERS) if depth > 3 else stage
+
+
+def _pcpvt_unstack(stage, depth):
+    return unstack_blocks(stage)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kw, switches, stack, unstack", [
+    (SVT, [(False, "block"), (True, "none"), (True, "block")], _svt_stack, _svt_unstack),
+    (PCPVT, [(True, "none")], stack_blocks, _pcpvt_unstack),
+], ids=["svt", "pcpvt"])
+def test_twins_scan_equals_plain(kw, switches, stack, unstack):
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    check_equal(Twins, kw, x, switches, stack, unstack)
+
+
+def test_twins_layout_round_trip_and_errors():
+    x = jnp.zeros((1, 32, 32, 3))
+    variables = jax.eval_shape(lambda: Twins(**SVT).init(jax.random.PRNGKey(0), x,
+                                                         train=False))["params"]["stage3"]
+    variables = jax.tree.map(lambda s: jnp.arange(np.prod(s.shape), dtype=jnp.float32).reshape(
+        s.shape), variables)
+    stacked = _svt_stack(variables, 5)
+    assert sorted(stacked) == ["block0", "block1", "block4", "blocks", "patch_embed", "peg"]
+    assert sorted(stacked["blocks"]["block"]) == ["global", "local"]
+    assert "qkv" in stacked["blocks"]["block"]["local"]["attn"]
+    assert "kv" in stacked["blocks"]["block"]["global"]["attn"]
+    assert stacked["blocks"]["block"]["local"]["norm1"]["scale"].shape == (1, 8)
+    close(unstack_blocks(stacked, start=2, members=PAIR_MEMBERS), variables)
+    with pytest.raises(ValueError, match="remat must be one of"):
+        Twins(**SVT, remat="full").init(jax.random.PRNGKey(0), x, train=False)
+    with pytest.raises(ValueError, match="stage3: scan_blocks needs one drop-path rate"):
+        Twins(**SVT, scan_blocks=True, drop_path_rate=0.1).init(
+            jax.random.PRNGKey(0), x, train=False)
+    with pytest.raises(ValueError, match="member names"):
+        stack_blocks(variables, 5, start=2, period=2)

@@ -44,6 +44,7 @@ from hybrid_attn.models.layers.mlp import Mlp
 from hybrid_attn.models.layers.patch_embed import PatchEmbed
 from hybrid_attn.models.layers.position_encoding import PositionEncodingGenerator
 from hybrid_attn.models.layers.regularization import DropPath, drop_path_rates
+from hybrid_attn.models.layers.scan import check_remat, remat_block, same_rate, scanned_blocks
 
 Dtype = Any
 
@@ -90,6 +91,21 @@ class TwinsBlock(nn.Module):
         return x + DropPath(self.drop_path_rate, name="drop_path2")(y, train=train)
 
 
+class TwinsPair(nn.Module):
+    """SVT's scan body: an LSA block (``local``) then a GSA block (``global``)."""
+
+    local: Callable[..., TwinsBlock]
+    glob: Callable[..., TwinsBlock]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        x = self.local(name="local")(x, train=train)
+        return self.glob(name="global")(x, train=train)
+
+
+PAIR_MEMBERS = ("local", "global")
+
+
 class TwinsStage(nn.Module):
     """``patch_embed`` -> ``block0`` -> ``peg`` -> ``block1`` ... (one PEG, after block 0).
 
@@ -102,6 +118,7 @@ class TwinsStage(nn.Module):
       window_size: None for PCPVT (GSA everywhere); else SVT, where even blocks use LSA with
         this window and odd blocks GSA. A window of 1 means GSA, as in the published code.
       drop_path_rates: one rate per block.
+      remat, scan_blocks: see :class:`Twins`.
     """
 
     features: int
@@ -112,16 +129,44 @@ class TwinsStage(nn.Module):
     drop_path_rates: Sequence[float] = ()
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: str = "none"
+    scan_blocks: bool = False
+
+    def scan_layout(self) -> tuple[int, int, int]:
+        """``(start, period, groups)`` of the scanned blocks (groups 0: nothing scanned)."""
+        svt = self.window_size not in (None, 1)
+        start, period = (2, 2) if svt else (1, 1)
+        groups = max(0, (self.depth - start) // period) if self.scan_blocks else 0
+        return start, period, groups
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        check_remat(self.remat)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         rates = list(self.drop_path_rates) or [0.0] * self.depth
         x = PatchEmbed(self.features, self.patch_size, name="patch_embed", **kw)(x)
+        block = remat_block(self.block, self.remat)
+        start, period, groups = self.scan_layout()
+        end = start + groups * period
         for i in range(self.depth):
+            if groups and start <= i < end:
+                if i == start:
+                    rate = same_rate(rates[start:end], f"Twins {self.name}")
+                    if period == 1:
+                        make = functools.partial(self.block, window_size=None,
+                                                 drop_path_rate=rate)
+                    else:
+                        make = functools.partial(
+                            TwinsPair,
+                            functools.partial(self.block, window_size=self.window_size,
+                                              drop_path_rate=rate),
+                            functools.partial(self.block, window_size=None,
+                                              drop_path_rate=rate))
+                    x = scanned_blocks(make, groups, train=train, remat=self.remat)(x)
+                continue
             local = self.window_size not in (None, 1) and i % 2 == 0
-            x = self.block(window_size=self.window_size if local else None,
-                           drop_path_rate=rates[i], name=f"block{i}")(x, train=train)
+            x = block(window_size=self.window_size if local else None,
+                      drop_path_rate=rates[i], name=f"block{i}")(x, train=train)
             if i == 0:
                 x = PositionEncodingGenerator(name="peg", **kw)(x)
         return x
@@ -140,6 +185,17 @@ class Twins(nn.Module):
         not divisible by the window).
       norm_eps: epsilon of the block and final LayerNorms (patch-embedding and GSA norms use
         1e-5, as published).
+      remat: "none" or "block" (each block under ``nn.remat``; same parameters).
+      scan_blocks: compile one block body per stage instead of one per block (layers/
+        scan.py). PCPVT: ``block0``, ``peg`` unrolled, blocks ``1 .. n-1`` under
+        ``blocks/block`` with a leading axis of ``n - 1`` (``stack_blocks(stage, n)``). SVT:
+        ``block0``, ``peg``, ``block1`` unrolled, then pairs (LSA block ``2 + 2g`` ->
+        ``blocks/block/local``, GSA block ``3 + 2g`` -> ``blocks/block/global``), an odd last
+        block stays ``block{n-1}`` (``stack_blocks(stage, n, start=2, period=2,
+        members=PAIR_MEMBERS)``). The scanned blocks need one drop-path rate (use
+        ``drop_path_rate=0``). Captured attention maps (``attention`` collection) of the
+        scanned blocks are stacked along the leading block (pair) axis, like their
+        parameters.
     """
 
     embed_dims: Sequence[int]
@@ -155,6 +211,8 @@ class Twins(nn.Module):
     norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: str = "none"
+    scan_blocks: bool = False
 
     def min_input_size(self) -> int:
         """Smallest input side: every stage's map must cover its GSA sub-sampling kernel."""
@@ -184,7 +242,8 @@ class Twins(nn.Module):
             x = TwinsStage(
                 self.embed_dims[k], depth, self.patch_sizes[k], block,
                 window_size=None if self.window_sizes is None else self.window_sizes[k],
-                drop_path_rates=rates[k], name=f"stage{k + 1}", **kw,
+                drop_path_rates=rates[k], remat=self.remat, scan_blocks=self.scan_blocks,
+                name=f"stage{k + 1}", **kw,
             )(x, train=train)
         x = nn.LayerNorm(epsilon=self.norm_eps, name="norm", **kw)(x)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)

@@ -7,7 +7,11 @@ recomputed in the backward pass instead of stored); the parameter tree is unchan
 ``blocks``, whose variables are those of one block under ``blocks/block`` with a leading
 axis of length ``n - 1``; XLA then compiles one block body instead of ``n - 1``.
 :func:`stack_blocks` / :func:`unstack_blocks` move a stage's variables between the two
-layouts so a checkpoint works with either.
+layouts so a checkpoint works with either. A stage whose blocks repeat with a period
+(Twins-SVT: LSA, GSA, LSA, ...) scans over groups: ``stack_blocks(..., start=2, period=2,
+members=("local", "global"))`` puts block ``2 + 2g`` under ``blocks/block/local`` and
+``3 + 2g`` under ``blocks/block/global`` at index ``g``. :func:`same_factory` compares block
+factories (``functools.partial`` compares by identity) to decide whether blocks are equal.
 """
 
 from __future__ import annotations
@@ -109,27 +113,48 @@ def same_factory(a: Any, b: Any) -> bool:
         return a is b
 
 
-def stack_blocks(stage: Mapping[str, Any], depth: int, prefix: str = "block") -> dict:
+def stack_blocks(stage: Mapping[str, Any], depth: int, prefix: str = "block", *,
+                 start: int = 1, period: int = 1,
+                 members: Sequence[str] | None = None) -> dict:
     """A stage's variables (one collection) from the unrolled layout (``block0`` ..
-    ``block{depth-1}``) to the scanned one (``block0`` + ``blocks/block`` stacked)."""
-    if depth <= 1:
+    ``block{depth-1}``) to the scanned one: blocks ``start ..`` stacked under
+    ``blocks/block``. With ``period > 1`` the scan body is a group of ``period`` blocks
+    whose submodules are ``members`` (block ``start + g*period + j`` -> ``blocks/block/
+    members[j]`` at index ``g``); blocks after the last whole group stay unrolled."""
+    groups = (depth - start) // period if depth > start else 0
+    if groups <= 0:
         return dict(stage)
-    names = [f"{prefix}{i}" for i in range(1, depth)]
-    missing = [n for n in names if n not in stage]
+    if period > 1 and (members is None or len(members) != period):
+        raise ValueError(f"stack_blocks: period={period} needs {period} member names, "
+                         f"got {members!r}")
+    names = [[f"{prefix}{start + g * period + j}" for j in range(period)]
+             for g in range(groups)]
+    missing = [n for row in names for n in row if n not in stage]
     if missing:
         raise ValueError(f"stack_blocks: stage has no {missing}; keys are {sorted(stage)}")
-    out = {k: v for k, v in stage.items() if k not in names}
-    out[SCANNED] = {"block": jax.tree.map(lambda *a: jnp.stack(a), *[stage[n] for n in names])}
+    flat = {n for row in names for n in row}
+    out = {k: v for k, v in stage.items() if k not in flat}
+
+    def stack(col: int) -> Any:
+        return jax.tree.map(lambda *a: jnp.stack(a), *[stage[row[col]] for row in names])
+
+    out[SCANNED] = {"block": stack(0) if period == 1 else
+                    {m: stack(j) for j, m in enumerate(members)}}
     return out
 
 
-def unstack_blocks(stage: Mapping[str, Any], prefix: str = "block") -> dict:
-    """The inverse of :func:`stack_blocks`: ``blocks/block`` split into ``block1`` ...."""
+def unstack_blocks(stage: Mapping[str, Any], prefix: str = "block", *, start: int = 1,
+                   members: Sequence[str] | None = None) -> dict:
+    """The inverse of :func:`stack_blocks` (same ``start`` and ``members``): ``blocks/block``
+    split back into ``block{start}`` ...."""
     if SCANNED not in stage:
         raise ValueError(f"unstack_blocks: stage has no {SCANNED!r}; keys are {sorted(stage)}")
     stacked = stage[SCANNED]["block"]
+    cols = [stacked] if members is None else [stacked[m] for m in members]
     n = jax.tree.leaves(stacked)[0].shape[0]
     out = {k: v for k, v in stage.items() if k != SCANNED}
-    for i in range(n):
-        out[f"{prefix}{i + 1}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+    for g in range(n):
+        for j, col in enumerate(cols):
+            out[f"{prefix}{start + g * len(cols) + j}"] = jax.tree.map(
+                lambda a, g=g: a[g], col)
     return out
