@@ -20,7 +20,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # files to the workers in collection order; longest first lets the two finish together
 # (xdist's default order, most tests first, left the longest files to the end).
 LONGEST_FIRST = (
-    "test_multiprocess.py", "test_speed_paths.py", "test_finetune.py",
+    "test_multiprocess.py", "test_speed_paths.py", "test_scan_paths.py", "test_finetune.py",
     "test_notebook_attention_explained.py", "test_train.py", "test_bench.py",
     "test_notebook_train_and_compare.py", "test_notebook_quickstart.py",
 )
