@@ -40,7 +40,10 @@ def test_cli_prints_one_json_line():
 
 
 def _cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    # One CPU device: conftest's fast-compile flags without its 8-device count.
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env = {**os.environ, "XLA_FLAGS": " ".join(flags)}
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "hybrid_attn.bench", *args],
                           capture_output=True, text=True, timeout=300, env=env)
