@@ -43,7 +43,8 @@ def test_new_head_resized_tables_and_kept_weights(imported, caplog):
     meta = finetune.read_meta(imported)
     model = model_from_meta(meta, num_classes=10)
     shape = (1, 32, 32, 3)
-    fresh = model.init(jax.random.PRNGKey(1), jnp.zeros(shape), train=False)
+    fresh = jax.jit(lambda x: model.init(jax.random.PRNGKey(1), x, train=False))(
+        jnp.zeros(shape))
     with caplog.at_level(logging.WARNING):
         weights, kind = finetune.load_pretrained(imported, fresh, model, shape)
     assert kind == "weights"
