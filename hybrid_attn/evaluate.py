@@ -5,6 +5,7 @@ batch and marks padding with ``mask``), also usable on its own from a checkpoint
     python -m hybrid_attn.evaluate --config=configs/coatnet0.py:digits --workdir=runs/x
 """
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -140,9 +141,9 @@ def evaluate_checkpoint(
     if "preprocessing" in loaded["meta"]:  # imported by hybrid_attn.convert: timm's recipe
         input_cfg = pretrained.recorded_eval_input(input_cfg, loaded["meta"])
         model = pretrained.model_from_meta(loaded["meta"], dtype=model.dtype)
-    # The evaluation replicates the weights; of config.sharding only the device count applies.
-    num_devices = sharding.ShardingConfig.from_config(config.get("sharding")).num_devices
-    mesh = sharding.config_mesh(sharding.ShardingConfig(num_devices=num_devices))
+    # The config's devices (sharding.num_devices); the weights are replicated (no fsdp).
+    sharding_cfg = sharding.ShardingConfig.from_config(config.get("sharding"))
+    mesh = sharding.config_mesh(dataclasses.replace(sharding_cfg, fsdp=1))
     sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     variables = jax.device_put(
         eval_variables(loaded["params"], loaded["batch_stats"], loaded["ema"]),
