@@ -164,24 +164,24 @@ class ResNetStage(nn.Module):
         scanned = self.scan_blocks and n > 1
         if scanned:
             self._check_scannable()
+        rates = list(self.drop_path_rates) or [0.0] * n
+
+        def args(i: int, factory: SpatialFactory | None, rate: float) -> tuple:
+            """BottleneckBlock's positional arguments for block ``i``."""
+            se = self.se_ratio if factory is None or self.se_in_spatial_blocks else 0.0
+            return (self.features, self.strides if i == 0 else 1, factory, se,
+                    self.activation, rate)
+
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for i, factory in enumerate(self.spatial):
             if scanned and i == 1:
-                se = self.se_ratio if factory is None or self.se_in_spatial_blocks else 0.0
-                rate = same_rate(self.drop_path_rates[1:], f"ResNet {self.name}") \
-                    if self.drop_path_rates else 0.0
-                make = functools.partial(
-                    BottleneckBlock, self.features, 1, factory, se, self.activation, rate,
-                    dtype=self.dtype, param_dtype=self.param_dtype)
+                rate = same_rate(rates[1:], f"ResNet {self.name}")
+                make = functools.partial(BottleneckBlock, *args(1, factory, rate), **kw)
                 return scanned_blocks(make, n - 1, train=train, remat=self.remat)(x)
             if self.pre_blocks and self.pre_blocks[i] is not None:
                 name, pre = self.pre_blocks[i]
                 x = pre(name=name)(x, train=train)
-            se = self.se_ratio if factory is None or self.se_in_spatial_blocks else 0.0
-            x = block(
-                self.features, self.strides if i == 0 else 1, factory, se, self.activation,
-                self.drop_path_rates[i] if self.drop_path_rates else 0.0,
-                dtype=self.dtype, param_dtype=self.param_dtype, name=f"block{i}",
-            )(x, train=train)
+            x = block(*args(i, factory, rates[i]), **kw, name=f"block{i}")(x, train=train)
         return x
 
     def _check_scannable(self) -> None:
