@@ -32,6 +32,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def with_cpu_devices(xla_flags: str, count: int) -> str:
+    """``xla_flags`` (an ``XLA_FLAGS`` value) with its fake-CPU-device count replaced by
+    ``count``; every other flag is kept."""
+    flags = [f for f in xla_flags.split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([*flags, f"--xla_force_host_platform_device_count={count}"])
+
+
 def _copy_lines(src: IO[bytes], prefix: bytes, dst: IO[bytes]) -> None:
     for line in iter(src.readline, b""):
         dst.write(prefix + line)
@@ -54,10 +62,7 @@ def start(
                          f"{num_processes} and {devices_per_process}")
     port = free_port()
     env = {**os.environ, **(env or {})}
-    env["XLA_FLAGS"] = " ".join(
-        [f for f in env.get("XLA_FLAGS", "").split()
-         if not f.startswith("--xla_force_host_platform_device_count")]
-        + [f"--xla_force_host_platform_device_count={devices_per_process}"])
+    env["XLA_FLAGS"] = with_cpu_devices(env.get("XLA_FLAGS", ""), devices_per_process)
     env.setdefault("JAX_PLATFORMS", "cpu")
     output = output or sys.stdout.buffer
     procs = []

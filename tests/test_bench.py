@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from hybrid_attn import bench
+from hybrid_attn import bench, launch_local
 
 
 def test_model_benchmark_reports_xla_flops_and_throughput():
@@ -41,9 +41,8 @@ def test_cli_prints_one_json_line():
 
 def _cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     # One CPU device: conftest's fast-compile flags without its 8-device count.
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    env = {**os.environ, "XLA_FLAGS": " ".join(flags)}
+    env = {**os.environ,
+           "XLA_FLAGS": launch_local.with_cpu_devices(os.environ.get("XLA_FLAGS", ""), 1)}
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "hybrid_attn.bench", *args],
                           capture_output=True, text=True, timeout=300, env=env)

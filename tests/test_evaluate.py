@@ -23,7 +23,8 @@ def run(tmp_path_factory):
     c.model.update(depths=(1, 1, 1, 1), widths=(8, 8, 16, 16), stem_width=8, head_dim=8)
     c.data.data_dir = str(tmp / "data")
     c.sharding.num_devices = 1  # one of the 8 fake devices, for the writes and the evaluations
-    model, mesh = build_model(c), sharding.config_mesh(sharding.ShardingConfig(num_devices=1))
+    model = build_model(c)
+    mesh = sharding.config_mesh(sharding.ShardingConfig.from_config(c.sharding))
     ckpt = checkpoint.Checkpointer(str(tmp / "run"), meta={"model_name": c.model_name})
     first, _ = train.create_train_state(
         model, optax.sgd(0.1), jax.random.PRNGKey(0), (1, 32, 32, 3), mesh, ema=False)

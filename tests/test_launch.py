@@ -118,3 +118,12 @@ def test_explicit_distributed_flags_come_together_or_not_at_all():
     finally:
         if not was_parsed:
             flags.FLAGS.unparse_flags()
+
+
+def test_local_launcher_replaces_only_the_fake_device_count():
+    from hybrid_attn.launch_local import with_cpu_devices
+
+    flags = "--xla_a=1 --xla_force_host_platform_device_count=8 --xla_b=0"
+    assert with_cpu_devices(flags, 2) == \
+        "--xla_a=1 --xla_b=0 --xla_force_host_platform_device_count=2"
+    assert with_cpu_devices("", 1) == "--xla_force_host_platform_device_count=1"

@@ -90,11 +90,9 @@ def runs(tmp_path_factory):
     with open(tmp / "one.log", "wb") as log:
         started = [subprocess.Popen(
             [sys.executable, "-m", "hybrid_attn.main", *_args(data_dir, one)], cwd=ROOT,
-            env={**os.environ, **env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(
-                # conftest's compile flags, as the launcher keeps them, and 2 devices
-                [f for f in os.environ.get("XLA_FLAGS", "").split()
-                 if not f.startswith("--xla_force_host_platform_device_count")]
-                + ["--xla_force_host_platform_device_count=2"])},
+            # conftest's compile flags, as the launcher keeps them, and 2 devices
+            env={**os.environ, **env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS":
+                 launch_local.with_cpu_devices(os.environ.get("XLA_FLAGS", ""), 2)},
             stdout=log, stderr=subprocess.STDOUT)]
 
     outputs = []
