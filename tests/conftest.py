@@ -14,15 +14,16 @@ os.environ.setdefault("XLA_FLAGS", " ".join([
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-# The longest files first (seconds of one full `pytest -q`, 2 workers, 2-core machine:
-# multiprocess 175, finetune 105, the notebooks 81/42/30, speed_paths 117, train 87,
-# bench 85). pyproject runs xdist with --dist loadfile --no-loadscope-reorder, which hands
-# files to the workers in collection order; longest first lets the two finish together
-# (xdist's default order, most tests first, left the longest files to the end).
+# The longest files first (seconds per file in full `pytest -q` runs at a453b71 and 292c3bc,
+# 2 workers, 2-core machine: multiprocess 143-156, attention_explained 89-92, speed_paths 68-76,
+# scan_paths 60-70, train_and_compare 59-60, bench 55, train 48, finetune 34-44,
+# quickstart 40-50). pyproject runs xdist with --dist loadfile --no-loadscope-reorder,
+# which hands files to the workers in collection order; longest first lets the two finish
+# together (xdist's default order, most tests first, left the longest files to the end).
 LONGEST_FIRST = (
-    "test_multiprocess.py", "test_speed_paths.py", "test_scan_paths.py", "test_finetune.py",
-    "test_notebook_attention_explained.py", "test_train.py", "test_bench.py",
-    "test_notebook_train_and_compare.py", "test_notebook_quickstart.py",
+    "test_multiprocess.py", "test_notebook_attention_explained.py", "test_speed_paths.py",
+    "test_scan_paths.py", "test_notebook_train_and_compare.py", "test_bench.py",
+    "test_train.py", "test_finetune.py", "test_notebook_quickstart.py",
 )
 
 

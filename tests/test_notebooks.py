@@ -2,8 +2,9 @@
 ``notebook_runner.EXPECTED`` and a ``tests/test_notebook_<name>.py`` that runs it (one file
 per notebook, so the two xdist workers share them).
 
-Cost, measured in a full ``pytest -q`` run (2 workers, 2-core machine): attention_explained
-81 s (its four tiny trainings: compiles, not steps), train_and_compare 42 s, quickstart 30 s.
+Cost, measured in two full ``pytest -q`` runs (2 workers, 2-core machine, at a453b71 and 292c3bc):
+attention_explained 89-92 s (its four tiny trainings: compiles, not steps),
+train_and_compare 59-60 s, quickstart 40-50 s.
 """
 
 import glob
