@@ -47,10 +47,12 @@ class AttentionSpatial(StridedAttention):
     kernel_size: int = 7
     block_size: int = 4
     row_chunk: int | None = 1
+    batch_chunk: int | None = 4
 
     def attention(self) -> Attention:
         return LocalSelfAttention(self.features, self.num_heads, self.kernel_size,
-                                  self.block_size, self.row_chunk, dtype=self.dtype,
+                                  self.block_size, self.row_chunk, self.batch_chunk,
+                                  dtype=self.dtype,
                                   param_dtype=self.param_dtype, name="attn")
 
 
@@ -63,8 +65,9 @@ class SASAResNet(ResNet):
       attention_stages: stages (0-based, c2 = 0) whose convolutions become attention;
         the paper's Table 4 ablation varies this, the models use all four.
       num_heads / kernel_size: the attention layers' heads (8) and spatial extent (7).
-      block_size / row_chunk: memory/speed knobs of the block-wise attention; they never
-        change the result (see :mod:`~hybrid_attn.models.layers.local_attention`).
+      block_size / row_chunk / batch_chunk: memory/speed knobs of the block-wise
+        attention; they never change the result (see
+        :mod:`~hybrid_attn.models.layers.local_attention`).
       stem_heads: heads of the attention stem (4).
     """
 
@@ -74,6 +77,7 @@ class SASAResNet(ResNet):
     kernel_size: int = 7
     block_size: int = 4
     row_chunk: int | None = 1
+    batch_chunk: int | None = 4
     stem_heads: int = 4
 
     def stem_factory(self) -> StemFactory:
@@ -89,7 +93,8 @@ class SASAResNet(ResNet):
             return super().block_spatial(stage_index, block_index)
         return functools.partial(
             AttentionSpatial, num_heads=self.num_heads, kernel_size=self.kernel_size,
-            block_size=self.block_size, row_chunk=self.row_chunk, dtype=self.dtype,
+            block_size=self.block_size, row_chunk=self.row_chunk,
+            batch_chunk=self.batch_chunk, dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
 

@@ -38,6 +38,7 @@ from hybrid_attn.models.layers.attention_kernels import (
     BlockLayout,
     block_side,
     blocked_attention,
+    blocked_attention_packed,
     dense_block_weights,
     dot_product_attention,
     fused_dot_product_attention,
@@ -157,6 +158,7 @@ class Blocked:
         the map is padded with zero tokens to whole blocks *before* the projections, so
         padded keys carry the projection bias (Twins' published LSA).
       row_chunk: block rows per sequential step (memory knob, never changes the result).
+      batch_chunk: with ``row_chunk``, images per sequential step too (memory knob).
     """
 
     block: int
@@ -164,6 +166,7 @@ class Blocked:
     window: int | None = None
     padding: str = "mask"
     row_chunk: int | None = None
+    batch_chunk: int | None = None
     kind: ClassVar[str] = "blocked"
     key_stride: ClassVar[tuple[int, int]] = (1, 1)
     PADDINGS: ClassVar[tuple[str, ...]] = ("mask", "zero_kv", "zero_tokens")
@@ -194,7 +197,25 @@ class Blocked:
                position: LogitTerm | None, **kw) -> tuple[jax.Array, jax.Array | None]:
         capture = kw.pop("return_weights", False)
         out, weights = blocked_attention(q, k, v, layout, position=position,
-                                         row_chunk=self.row_chunk, return_weights=capture, **kw)
+                                         row_chunk=self.row_chunk,
+                                         batch_chunk=self.batch_chunk,
+                                         return_weights=capture, **kw)
+        return out, None if weights is None else dense_block_weights(weights, layout)
+
+    def attend_packed(self, qkv: jax.Array, layout: BlockLayout, position: LogitTerm | None,
+                      **kw) -> tuple[jax.Array, jax.Array | None]:
+        """:meth:`attend` of a fused projection's ``qkv [B, H, W, 3, heads, d]``
+        (:func:`~hybrid_attn.models.layers.attention_kernels.blocked_attention_packed`:
+        same result, no q/k/v copies) when keys outside the image are masked; otherwise
+        :meth:`attend` (which a subclass may override) of the split."""
+        if not layout.mask_outside:
+            return self.attend(qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :],
+                               layout, position, **kw)
+        capture = kw.pop("return_weights", False)
+        out, weights = blocked_attention_packed(qkv, layout, position=position,
+                                                row_chunk=self.row_chunk,
+                                                batch_chunk=self.batch_chunk,
+                                                return_weights=capture, **kw)
         return out, None if weights is None else dense_block_weights(weights, layout)
 
 
@@ -246,8 +267,12 @@ class Attention(nn.Module):
             p.reshape(*t.shape[:3], heads, -1)
             for p in jnp.split(t, list(itertools.accumulate(w * heads for w in widths)), -1)]
         x_q, x_kv = self.pattern.inputs(self, x)
+        packed = None
         if x_kv is None:
-            q, k, v = split(dense(heads * (2 * dqk + d), "qkv")(x_q), dqk, dqk)
+            qkv = dense(heads * (2 * dqk + d), "qkv")(x_q)
+            q, k, v = split(qkv, dqk, dqk)
+            if dqk == d and hasattr(self.pattern, "attend_packed"):
+                packed = qkv.reshape(*qkv.shape[:3], 3, heads, d)
         else:
             (q,) = split(dense(heads * dqk, "q")(x_q))
             k, v = split(dense(heads * (dqk + d), "kv")(x_kv), dqk)
@@ -258,10 +283,12 @@ class Attention(nn.Module):
             term = table(self.pattern.grid(layout), heads, dqk)
         capture = self.is_mutable_collection("attention") and not self.is_initializing()
         dropout = self.attn_dropout if train else 0.0
-        out, weights = self.pattern.attend(
-            q, k, v, layout, term, dropout_rate=dropout, return_weights=capture,
-            dropout_rng=self.make_rng("dropout") if dropout > 0 else None,
-        )
+        kw = dict(dropout_rate=dropout, return_weights=capture,
+                  dropout_rng=self.make_rng("dropout") if dropout > 0 else None)
+        if packed is not None:  # q, k, v unused: no copies of them are made
+            out, weights = self.pattern.attend_packed(packed, layout, term, **kw)
+        else:
+            out, weights = self.pattern.attend(q, k, v, layout, term, **kw)
         if capture:
             weights = weights[:, :, :h, :w, :h, :w]  # drops the tokens "zero_tokens" padded
             self.sow("attention", "maps", AttentionMap(

@@ -14,35 +14,46 @@ Why blocked attention is memory-efficient for SASA's k x k neighbourhoods: the n
 unfolds a k x k copy of the keys and values for every pixel (k*k = 49 times the map). Here
 the map is cut into query blocks of b x b pixels; each block attends to its own pixels
 plus a halo of k//2 pixels on every side (Vaswani et al. 2021, "blocked local attention"),
-with a mask keeping each query to its own k x k window. Rows of blocks are processed one
-after another (``row_chunk``) in a loop rematerialised in the backward pass, so only one
-block row's key/value copy (``((b + k - 1) / b)^2`` of that row) and logits (``(b + k -
-1)^2`` per query and head) are alive at a time. An axis that fits in one block gets no
-halo (it would hold only masked padding), so a map smaller than the window costs no more
-than global attention.
+with a mask keeping each query to its own k x k window. Rows of blocks, and groups of
+``batch_chunk`` images, are processed one after another (``row_chunk``) in a loop
+rematerialised in the backward pass, so only one step's key/value copy (``((b + k - 1) /
+b)^2`` of its rows) and logits (``(b + k - 1)^2`` per query and head) are alive at a time.
+Each step gathers its queries, keys and values straight from the unpadded map (from the
+fused projection's output, :func:`blocked_attention_packed`), at clamped indices where a
+key falls outside the image (it is masked anyway): no padded or split copy of q, k, v
+exists, and the backward pass scatters into one cotangent of the projection. An axis that
+fits in one block gets no halo (it would hold only masked padding), so a map smaller than
+the window costs no more than global attention.
 
-XLA temporary memory (``jax.jit(f).lower(...).compile().memory_analysis()``, CPU, float32)
-of SASA's layer for batch 8 on a 56x56x64 map (6.1 MiB; 8 heads, k = 7), next to a 3x3
-conv 64 -> 64:
+XLA temporary memory (``jax.jit(f).lower(...).compile().memory_analysis()``) and time
+(best of 5 calls) of SASA's layer for batch 8 on a 56x56x64 map (6.1 MiB; 8 heads, k = 7),
+next to a 3x3 conv 64 -> 64; forward + backward is the gradient of params and input (as
+``python -m hybrid_attn.bench --layer`` compiles it). 2-core AMD EPYC VM (AVX2), float32,
+jax 0.10.2:
 
-    op                                           forward     forward + backward
-    3x3 convolution                               0.0 MiB       18.4 MiB
-    SASA layer, defaults (b = 4, row_chunk = 1)  39.5 MiB       91.9 MiB
-    SASA layer, b = 8, row_chunk = 1             51.9 MiB      119.2 MiB
-    SASA layer, b = 4, all blocks at once       165.4 MiB      451.6 MiB
-    SASA layer, b = 8, all blocks at once       199.8 MiB      696.4 MiB
-    naive k x k unfold of keys and values       906.5 MiB     1219.6 MiB
+    op                                                     forward  forward + backward
+    3x3 convolution                                0.0 MiB   28 ms    18.4 MiB  145 ms
+    defaults (b 4, row_chunk 1, batch_chunk 4)    28.1 MiB  154 ms    48.8 MiB  432 ms
+    b 4, batch_chunk None                         31.7 MiB  138 ms    60.9 MiB  486 ms
+    b 2, batch_chunk 4                            28.4 MiB   61 ms    46.3 MiB  332 ms
+    b 8, batch_chunk 4                            39.1 MiB  283 ms    73.7 MiB  864 ms
+    b 4, all blocks at once (row_chunk None)     165.4 MiB  414 ms   400.2 MiB  635 ms
+    1a502e2: padded, split q/k/v (bench median)   39.5 MiB  220 ms    68.5 MiB  599 ms
 
-Of the default's 39.5 MiB, 18.4 MiB are the q/k/v projections themselves (3x the map) and
-15 MiB the halo-padded keys and values; the attention proper adds about 1x the map. On
-this CPU the defaults are also the fastest variant (forward ~0.2 s; naive unfold ~1.2 s;
-the convolution ~0.03 s). Smaller blocks waste fewer logits on masked keys ((b + k - 1)^2
-per query against k^2 needed) at the price of more key/value duplication.
+Of the default's forward 28.1 MiB, 18.4 MiB are the q/k/v projection itself (3x the map,
+kept for the backward pass); the backward adds its cotangent (another 18.4 MiB) and one
+step's logits. At 28x28x128 and 14x14x256 b = 4 was the faster block (b = 2 at 56x56);
+batch_chunk 4 was faster than None at every map measured (also at batch 32). Smaller
+blocks waste fewer logits on masked keys ((b + k - 1)^2 per query against k^2 needed) at
+the price of more key/value duplication. A naive k x k unfold of keys and values needed
+906 / 1220 MiB.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -204,6 +215,7 @@ def blocked_attention(
     position: LogitTerm | None = None,
     scale: float | None = None,
     row_chunk: int | None = None,
+    batch_chunk: int | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     return_weights: bool = False,
@@ -227,8 +239,11 @@ def blocked_attention(
         sequential loop whose body is rematerialised in the backward pass, so the logits
         of only that many block rows are ever alive (forward and backward). None
         processes every block at once (fastest, most memory).
+      batch_chunk: with ``row_chunk``, images per sequential step as well (the largest
+        divisor of B not above it; None = all): the logits alive at a time shrink in
+        proportion, the result does not change.
       dropout_rate, dropout_rng: dropout on the attention weights (an independent mask
-        per block row).
+        per step).
       return_weights: also return the softmax weights ``[nh, B, nw, heads, bh*bw, kh*kw]``
         (:func:`dense_block_weights` scatters them onto the map).
 
@@ -240,52 +255,149 @@ def blocked_attention(
             "blocked_attention expects q, k of shape [B, H, W, heads, d] and v of shape "
             f"[B, H, W, heads, dv]; got {q.shape}, {k.shape}, {v.shape}"
         )
-    if tuple(q.shape[1:3]) != layout.hw:
+    return _blocked_attention((q, k, v), layout, position=position, scale=scale,
+                              row_chunk=row_chunk, batch_chunk=batch_chunk,
+                              dropout_rate=dropout_rate,
+                              dropout_rng=dropout_rng, return_weights=return_weights)
+
+
+def blocked_attention_packed(qkv: jax.Array, layout: BlockLayout,
+                             **kwargs: Any) -> tuple[jax.Array, jax.Array | None]:
+    """:func:`blocked_attention` of ``q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :],
+    qkv[..., 2, :, :]`` for a packed ``qkv [B, H, W, 3, heads, d]`` (the fused projection's
+    output, reshaped: a free bitcast).
+
+    Same result; less memory when keys outside the image are masked
+    (``layout.mask_outside``): each block row reads its queries, keys and values straight
+    from ``qkv``, so no separate q, k and v copies (3x the map, kept for the backward pass)
+    are made. Otherwise it splits ``qkv`` and calls :func:`blocked_attention`.
+    """
+    if qkv.ndim != 6 or qkv.shape[3] != 3:
+        raise ValueError(f"blocked_attention_packed expects qkv [B, H, W, 3, heads, d], got "
+                         f"{qkv.shape}")
+    if not layout.mask_outside:
+        return blocked_attention(qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :],
+                                 layout, **kwargs)
+    return _blocked_attention(qkv, layout, **kwargs)
+
+
+def _blocked_attention(
+    source: jax.Array | tuple[jax.Array, jax.Array, jax.Array],
+    layout: BlockLayout,
+    *,
+    position: LogitTerm | None = None,
+    scale: float | None = None,
+    row_chunk: int | None = None,
+    batch_chunk: int | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    return_weights: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+    """:func:`blocked_attention` of ``source``: a ``(q, k, v)`` tuple or a packed ``qkv``
+    ``[B, H, W, 3, heads, d]`` (only with ``layout.mask_outside``)."""
+    packed = not isinstance(source, tuple)
+    q = source if packed else source[0]
+    b, h, w = q.shape[:3]
+    heads, d = q.shape[-2:]
+    dv = d if packed else source[2].shape[-1]
+    if (h, w) != layout.hw:
         raise ValueError(f"layout is for a {layout.hw} map, got queries {q.shape}")
     if row_chunk is not None and row_chunk < 1:
         raise ValueError(f"row_chunk must be None or a positive number of rows, got {row_chunk}")
-    b, h, w, heads, d = q.shape
-    dv = v.shape[-1]
+    if batch_chunk is not None and batch_chunk < 1:
+        raise ValueError(f"batch_chunk must be None or a positive number of images, got "
+                         f"{batch_chunk}")
     (bh, bw), (hh, hw), (nh, nw), (kh, kw) = layout.block, layout.halo, layout.count, layout.keys
     hp, wp = nh * bh, nw * bw
     scale = d**-0.5 if scale is None else scale
-    q = jnp.pad(q, ((0, 0), (0, hp - h), (0, wp - w), (0, 0), (0, 0)))
-    k, v = (
-        jnp.pad(t, ((0, 0), (hh, hp - h + hh), (hw, wp - w + hw), (0, 0), (0, 0))) for t in (k, v)
-    )
     rows, cols = layout.axis_mask(0), layout.axis_mask(1)
     masked = not (rows.all() and cols.all())
+    # Keys outside the image are masked out, so their content does not matter: a block row
+    # reads its queries, key rows and key columns straight from the unpadded map at clamped
+    # indices (border pixels repeated under the mask; queries past the map are dropped), so
+    # no halo-padded copy of k and v (1.2x the map each for SASA at 56x56) exists, in the
+    # forward pass or as a cotangent in the backward. Zero keys that take part in the
+    # softmax (``mask_outside=False``) are padded instead.
+    clamp = layout.mask_outside
+    if not clamp:
+        q, k, v = source
+        q = jnp.pad(q, ((0, 0), (0, hp - h), (0, wp - w), (0, 0), (0, 0)))
+        k, v = (jnp.pad(t, ((0, 0), (hh, hp - h + hh), (hw, wp - w + hw), (0, 0), (0, 0)))
+                for t in (k, v))
+    key_cols = np.clip(np.arange(nw)[:, None] * bw - hw + np.arange(kw)[None, :], 0, w - 1)
+    query_cols = np.minimum(np.arange(wp), w - 1)
 
-    def block_row(n: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-        """Output rows ``[n * bh, (n + 1) * bh)``: ``[B, bh, wp, heads, dv]``."""
-        qn = lax.dynamic_slice_in_dim(q, n * bh, bh, axis=1)
-        qn = qn.reshape(b, bh, nw, bw, heads, d).transpose(0, 2, 1, 3, 4, 5)
-        qn = qn.reshape(b, nw, bh * bw, heads, d)
+    looped = row_chunk is not None and row_chunk < nh
+    bc = b if batch_chunk is None or not looped else math.gcd(b, min(batch_chunk, b))
+    nb = b // bc  # sequential steps per block row
 
-        def keys(t: jax.Array) -> jax.Array:
-            t = _unfold(lax.dynamic_slice_in_dim(t, n * bh, kh, axis=1), 2, nw, kw, bw)
-            return t.transpose(0, 2, 1, 3, 4, 5).reshape(b, nw, kh * kw, heads, -1)
+    def gather(t: jax.Array, c: jax.Array, row_index: jax.Array, col_index: np.ndarray,
+               *plane: Any) -> jax.Array:
+        """``t[images of step c][:, row_index][:, :, col_index]`` (and ``[..., plane, :, :]``
+        of a packed ``t``) in one gather, indices in range. Slicing the images or the planes
+        first would cost a map-sized copy (hoisted out of the loop) or cotangent."""
+        index = [c * bc + jnp.arange(bc), row_index, col_index, *map(np.asarray, plane)]
+        ndims = [np.ndim(i) for i in index]
+        index = [jnp.reshape(i, jnp.shape(i) + (1,) * sum(ndims[j + 1:]))
+                 for j, i in enumerate(index)]
+        return t.at[tuple(index)].get(mode="promise_in_bounds")
 
+    def take_queries(n: jax.Array, c: jax.Array) -> jax.Array:
+        """``[bc, bh, wp, heads, d]``: query rows ``[n * bh, (n + 1) * bh)``."""
+        if not clamp:
+            return lax.dynamic_slice(q, (c * bc, n * bh) + (0,) * 3, (bc, bh) + q.shape[2:])
+        index = jnp.minimum(n * bh + jnp.arange(bh), h - 1)
+        if packed:
+            return gather(source, c, index, query_cols, 0)
+        return gather(q, c, index, query_cols)
+
+    def take_keys(n: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values of block row ``n``, ``[bc, nw, kh * kw, heads, d or dv]``."""
+        if clamp:
+            index = jnp.clip(n * bh - hh + jnp.arange(kh), 0, h - 1)
+            if packed:  # [bc, kh, nw, kw, 2, heads, d]
+                t = gather(source, c, index, key_cols, np.array([1, 2]))
+                kn, vn = t[..., 0, :, :], t[..., 1, :, :]
+            else:
+                kn, vn = (gather(t, c, index, key_cols) for t in source[1:])
+        else:
+            kn, vn = (_unfold(lax.dynamic_slice(t, (c * bc, n * bh) + (0,) * 3,
+                                                (bc, kh) + t.shape[2:]), 2, nw, kw, bw)
+                      for t in (k, v))
+        return tuple(t.transpose(0, 2, 1, 3, 4, 5).reshape(bc, nw, kh * kw, heads, -1)
+                     for t in (kn, vn))
+
+    def block_row(i: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """Step ``i``: output rows ``[n * bh, (n + 1) * bh)`` of images ``[c * bc, (c + 1) *
+        bc)`` for ``n, c = divmod(i, nb)``: ``[bc, bh, wp, heads, dv]``."""
+        n, c = (i, 0) if nb == 1 else (i // nb, i % nb)
+        qn = take_queries(n, c).reshape(bc, bh, nw, bw, heads, d).transpose(0, 2, 1, 3, 4, 5)
+        qn = qn.reshape(bc, nw, bh * bw, heads, d)
+        kn, vn = take_keys(n, c)
         mask = None
         if masked:
             row_mask = jnp.asarray(rows)[n][None, :, None, :, None]
             mask = row_mask & jnp.asarray(cols)[:, None, :, None, :]
             mask = mask.reshape(nw, 1, bh * bw, kh * kw)  # [nw, heads, queries, keys]
         bias = position(qn) if position is not None else None
-        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, n)
+        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
         out, weights = dot_product_attention(
-            qn * jnp.asarray(scale, qn.dtype), keys(k), keys(v), bias=bias, mask=mask,
+            qn * jnp.asarray(scale, qn.dtype), kn, vn, bias=bias, mask=mask,
             dropout_rate=dropout_rate, dropout_rng=rng,
         )
-        out = out.reshape(b, nw, bh, bw, heads, dv).transpose(0, 2, 1, 3, 4, 5)
-        return out.reshape(b, bh, wp, heads, dv), (weights if return_weights else None)
+        out = out.reshape(bc, nw, bh, bw, heads, dv).transpose(0, 2, 1, 3, 4, 5)
+        return out.reshape(bc, bh, wp, heads, dv), (weights if return_weights else None)
 
-    index = jnp.arange(nh)
-    if row_chunk is None or row_chunk >= nh:
+    index = jnp.arange(nh * nb)
+    if not looped:
         out, weights = jax.vmap(block_row)(index)
     else:
-        batch = row_chunk if row_chunk > 1 else None  # None: no vmap inside the loop
+        batch = row_chunk * nb if row_chunk > 1 else None  # None: no vmap inside the loop
         out, weights = lax.map(jax.checkpoint(block_row), index, batch_size=batch)
+    # [nh * nb, bc, ...] -> [nh, B, ...]
+    out = out.reshape(nh, b, bh, wp, heads, dv)
+    if weights is not None:
+        weights = weights.reshape(nh, b, *weights.shape[2:])
     return out.transpose(1, 0, 2, 3, 4, 5).reshape(b, hp, wp, heads, dv)[:, :h, :w], weights
 
 
