@@ -27,6 +27,12 @@ JSON line then carries both sides, and a Markdown table row goes to stderr.
 ``torch.set_num_threads(N)``) to N CPUs before XLA starts. CPU affinity is what limits
 XLA:CPU: it sizes its thread pools from the allowed CPUs, whereas
 ``--xla_cpu_multi_thread_eigen=false`` left a 2048x2048 matmul using 1.6 cores (jax 0.10).
+
+``--malloc keep`` (the default) applies :mod:`hybrid_attn.host_malloc`'s glibc settings in
+both processes (the timm side before it imports torch), as the training entry point does
+on a CPU-only install: without them each step page-faults its freshly mapped buffers on
+both sides. ``--malloc default`` leaves glibc's defaults on both sides. The JSON line
+records which applied (``malloc``).
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ import jax.numpy as jnp
 import optax
 from absl import app, flags
 
-from hybrid_attn import sharding, train
+from hybrid_attn import host_malloc, sharding, train
 from hybrid_attn.models import get_model
 
 FLAGS = flags.FLAGS
@@ -70,6 +76,10 @@ flags.DEFINE_string("timm_model", None, "timm model name (default: TIMM_NAMES[--
 flags.DEFINE_bool("timm_compile", True, "Also time timm under torch.compile.")
 flags.DEFINE_enum("remat", None, ["none", "block"],
                   "Rematerialisation policy, where the model has a `remat` field.")
+flags.DEFINE_enum("malloc", "keep", ["keep", "default"],
+                  "glibc malloc on both sides: 'keep' applies hybrid_attn.host_malloc's "
+                  "settings (what the training entry point does on CPU), 'default' leaves "
+                  "glibc's.")
 flags.DEFINE_bool("scan", None, "Scan over a stage's repeated blocks, where the model has a "
                   "`scan_blocks` field.")
 
@@ -253,11 +263,12 @@ def timm_python(flag: str | None) -> str:
 
 
 def run_timm(python: str, timm_model: str, res: int, batch: int, mode: str, threads: int | None,
-             steps: int, warmup: int, compile_model: bool, num_classes: int) -> list[dict]:
+             steps: int, warmup: int, compile_model: bool, num_classes: int,
+             malloc: str = "default") -> list[dict]:
     """Runs ``bench_timm.py`` under ``python``; one result per run (eager, compiled)."""
     cmd = [python, str(Path(__file__).with_name("bench_timm.py")), "--model", timm_model,
            "--res", str(res), "--batch", str(batch), "--mode", mode, "--steps", str(steps),
-           "--warmup", str(warmup), "--num_classes", str(num_classes)]
+           "--warmup", str(warmup), "--num_classes", str(num_classes), "--malloc", malloc]
     if threads:
         cmd += ["--threads", str(threads)]
     if not compile_model:
@@ -300,10 +311,11 @@ TABLE_HEADER = ("| model | mode | threads | ours img/s | timm eager img/s | rati
 def main(argv: list[str]) -> None:
     del argv
     limit_threads(FLAGS.threads)
+    malloc = "keep" if FLAGS.malloc == "keep" and host_malloc.keep_freed_memory() else "default"
     if FLAGS.layer:
         result = run_layer_benchmark(FLAGS.layer, FLAGS.map, FLAGS.batch, FLAGS.mode,
                                      FLAGS.dtype, FLAGS.steps, FLAGS.warmup)
-        print(json.dumps(result))
+        print(json.dumps({**result, "malloc": malloc}))
         return
     python = None
     if FLAGS.against == "timm":
@@ -315,9 +327,11 @@ def main(argv: list[str]) -> None:
     result = run_benchmark(FLAGS.model, FLAGS.res, FLAGS.batch, FLAGS.mode, FLAGS.dtype,
                            FLAGS.steps, FLAGS.warmup, FLAGS.num_classes, FLAGS.remat,
                            FLAGS.scan)
+    result["malloc"] = malloc
     if python is not None:
         runs = run_timm(python, timm_model, FLAGS.res, FLAGS.batch, FLAGS.mode, FLAGS.threads,
-                        FLAGS.steps, FLAGS.warmup, FLAGS.timm_compile, FLAGS.num_classes)
+                        FLAGS.steps, FLAGS.warmup, FLAGS.timm_compile, FLAGS.num_classes,
+                        malloc)
         result = compare(result, runs)
         result["timm_same_architecture"] = (
             None if FLAGS.timm_model else FLAGS.model not in NEAREST_ONLY)

@@ -160,9 +160,10 @@ def main(argv: list[str]) -> None:
     """CLI: evaluates the newest (or ``--step``) checkpoint of ``--workdir`` on ``--split``."""
     from absl import flags, logging
 
-    from hybrid_attn import distributed
+    from hybrid_attn import distributed, host_malloc
 
     del argv
+    host_malloc.setup_for_entry_point()  # before XLA's threads first allocate
     distributed.initialize_from_flags()  # --jax_distributed [--coordinator_address ...]
     flag = flags.FLAGS
     result = evaluate_checkpoint(flag.config, flag.workdir, split=flag.split or None,
