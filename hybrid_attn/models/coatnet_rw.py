@@ -48,8 +48,9 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_attn.models.coatnet import Stage, TransformerBlock, channel_norm, check_input
+from hybrid_attn.models.layers.activation import gelu
 from hybrid_attn.models.layers.convnext import ConvNeXtBlock
-from hybrid_attn.models.layers.mbconv import ConvStem, MBConv, gelu
+from hybrid_attn.models.layers.mbconv import ConvStem, MBConv
 from hybrid_attn.models.layers.pooling import avg_pool2, max_pool3
 from hybrid_attn.models.layers.regularization import drop_path_rates
 from hybrid_attn.models.layers.relative_bias import RelativeBias2D

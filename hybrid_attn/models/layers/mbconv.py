@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hybrid_attn.models.layers.activation import gelu
 from hybrid_attn.models.layers.conv import Conv, DepthwiseConv
 from hybrid_attn.models.layers.norm import batch_norm
 from hybrid_attn.models.layers.pooling import avg_pool2
@@ -29,11 +30,6 @@ Activation = Callable[[jax.Array], jax.Array]
 # kernel [k, k, 1, C] timm's fan_out (k*k*C / groups) equals flax's fan_in (k*k).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 depthwise_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
-
-
-def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, as ``torch.nn.GELU()`` in the published implementations."""
-    return nn.gelu(x, approximate=False)
 
 
 class ConvStem(nn.Module):

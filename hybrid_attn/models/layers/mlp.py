@@ -8,13 +8,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hybrid_attn.models.layers.activation import gelu
+
 Dtype = Any
 
 
 class Mlp(nn.Module):
     """``fc1`` -> exact (erf) GELU -> dropout -> ``fc2`` -> dropout, on the last axis.
 
-    The exact GELU matches the published PyTorch implementations (``nn.GELU()``).
+    The exact GELU matches the published PyTorch implementations (``nn.GELU()``, computed
+    with ``erf`` as they do: :mod:`hybrid_attn.models.layers.activation`).
     """
 
     hidden_features: int
@@ -28,7 +31,7 @@ class Mlp(nn.Module):
         out = self.out_features or x.shape[-1]
         x = nn.Dense(self.hidden_features, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="fc1")(x)
-        x = nn.gelu(x, approximate=False)
+        x = gelu(x)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = nn.Dense(out, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
         return nn.Dropout(self.dropout, deterministic=not train)(x)
