@@ -28,14 +28,20 @@ JSON line then carries both sides, and a Markdown table row goes to stderr.
 XLA:CPU: it sizes its thread pools from the allowed CPUs, whereas
 ``--xla_cpu_multi_thread_eigen=false`` left a 2048x2048 matmul using 1.6 cores (jax 0.10).
 
-``--malloc keep`` (the default) applies :mod:`hybrid_attn.host_malloc`'s glibc settings in
-both processes (the timm side before it imports torch), as the training entry point does
-on a CPU-only install: without them each step page-faults its freshly mapped buffers on
-both sides. ``--malloc default`` leaves glibc's defaults on both sides. The JSON line
-records which applied (``malloc``).
+Run as ``python -m hybrid_attn.bench`` it restarts itself with transparent huge pages for
+glibc's large blocks (:mod:`hybrid_attn.host_malloc`, as the training entry point does on a
+CPU-only install), and the timm subprocess inherits the setting, so both sides run with
+the same malloc; without it each step page-faults its freshly mapped buffers on both sides.
+``HYBRID_ATTN_MALLOC=default`` keeps glibc's defaults on both sides. The JSON line records
+which applied (``malloc``).
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # before jax loads: a glibc tunable is read at process start
+    from hybrid_attn import host_malloc as _host_malloc
+
+    _host_malloc.reexec_with_hugepages()
 
 import dataclasses
 import json
@@ -76,10 +82,6 @@ flags.DEFINE_string("timm_model", None, "timm model name (default: TIMM_NAMES[--
 flags.DEFINE_bool("timm_compile", True, "Also time timm under torch.compile.")
 flags.DEFINE_enum("remat", None, ["none", "block"],
                   "Rematerialisation policy, where the model has a `remat` field.")
-flags.DEFINE_enum("malloc", "keep", ["keep", "default"],
-                  "glibc malloc on both sides: 'keep' applies hybrid_attn.host_malloc's "
-                  "settings (what the training entry point does on CPU), 'default' leaves "
-                  "glibc's.")
 flags.DEFINE_bool("scan", None, "Scan over a stage's repeated blocks, where the model has a "
                   "`scan_blocks` field.")
 
@@ -263,12 +265,11 @@ def timm_python(flag: str | None) -> str:
 
 
 def run_timm(python: str, timm_model: str, res: int, batch: int, mode: str, threads: int | None,
-             steps: int, warmup: int, compile_model: bool, num_classes: int,
-             malloc: str = "default") -> list[dict]:
+             steps: int, warmup: int, compile_model: bool, num_classes: int) -> list[dict]:
     """Runs ``bench_timm.py`` under ``python``; one result per run (eager, compiled)."""
     cmd = [python, str(Path(__file__).with_name("bench_timm.py")), "--model", timm_model,
            "--res", str(res), "--batch", str(batch), "--mode", mode, "--steps", str(steps),
-           "--warmup", str(warmup), "--num_classes", str(num_classes), "--malloc", malloc]
+           "--warmup", str(warmup), "--num_classes", str(num_classes)]
     if threads:
         cmd += ["--threads", str(threads)]
     if not compile_model:
@@ -311,7 +312,7 @@ TABLE_HEADER = ("| model | mode | threads | ours img/s | timm eager img/s | rati
 def main(argv: list[str]) -> None:
     del argv
     limit_threads(FLAGS.threads)
-    malloc = "keep" if FLAGS.malloc == "keep" and host_malloc.keep_freed_memory() else "default"
+    malloc = "hugepages" if host_malloc.active() else "default"
     if FLAGS.layer:
         result = run_layer_benchmark(FLAGS.layer, FLAGS.map, FLAGS.batch, FLAGS.mode,
                                      FLAGS.dtype, FLAGS.steps, FLAGS.warmup)
@@ -330,8 +331,7 @@ def main(argv: list[str]) -> None:
     result["malloc"] = malloc
     if python is not None:
         runs = run_timm(python, timm_model, FLAGS.res, FLAGS.batch, FLAGS.mode, FLAGS.threads,
-                        FLAGS.steps, FLAGS.warmup, FLAGS.timm_compile, FLAGS.num_classes,
-                        malloc)
+                        FLAGS.steps, FLAGS.warmup, FLAGS.timm_compile, FLAGS.num_classes)
         result = compare(result, runs)
         result["timm_same_architecture"] = (
             None if FLAGS.timm_model else FLAGS.model not in NEAREST_ONLY)

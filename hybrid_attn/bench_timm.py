@@ -12,9 +12,9 @@ step is forward + softmax cross-entropy + backward + AdamW update (lr 1e-3, weig
 0.05); inference is a forward pass in eval mode under ``torch.inference_mode``. Each
 configuration is run eagerly and, unless ``--no-compile``, with ``torch.compile`` of the
 model (its compile time is the first call's time minus an eager step). ``--threads N``
-pins the process to N CPUs and calls ``torch.set_num_threads(N)``. ``--malloc keep`` sets
-glibc malloc as ``hybrid_attn/host_malloc.py`` does for our side (one arena, no mmap for
-large blocks, no trimming), before torch is imported. Besides wall time per
+pins the process to N CPUs and calls ``torch.set_num_threads(N)``. Under ``bench.py`` it
+inherits that process's environment, ``GLIBC_TUNABLES`` (``hybrid_attn/host_malloc.py``'s
+huge pages) included, so both sides run with the same malloc settings. Besides wall time per
 step, the process CPU time per step is reported: on a shared machine it is the steadier
 measure of work at one thread.
 """
@@ -22,7 +22,6 @@ measure of work at one thread.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import resource
@@ -37,17 +36,6 @@ def limit_threads(threads: int | None) -> None:
         if threads > len(allowed):
             raise SystemExit(f"--threads={threads} but only {len(allowed)} CPUs are allowed")
         os.sched_setaffinity(0, allowed[:threads])
-
-
-def keep_freed_memory() -> bool:
-    """``hybrid_attn.host_malloc.keep_freed_memory`` restated (this script imports nothing
-    from the project): mallopt M_ARENA_MAX=1, M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return all(mallopt(param, value) == 1 for param, value in ((-8, 1), (-4, 0), (-1, -1)))
 
 
 def cpu_seconds() -> float:
@@ -107,6 +95,7 @@ def run(model_name: str, res: int, batch: int, mode: str, steps: int, warmup: in
         "compile_s": round(max(first - wall, 0.0), 2) if compile_model else None,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "timm": timm.__version__,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
 
 
@@ -121,11 +110,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--num_classes", type=int, default=1000)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile run")
-    p.add_argument("--malloc", choices=["keep", "default"], default="default",
-                   help="'keep': glibc settings of hybrid_attn/host_malloc.py")
     args = p.parse_args()
     limit_threads(args.threads)
-    malloc = "keep" if args.malloc == "keep" and keep_freed_memory() else "default"
     try:
         import torch
     except ImportError:
@@ -133,9 +119,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     for compiled in (False,) if args.no_compile else (False, True):
-        print(json.dumps({**run(args.model, args.res, args.batch, args.mode, args.steps,
-                                args.warmup, compiled, args.num_classes), "malloc": malloc}),
-              flush=True)
+        print(json.dumps(run(args.model, args.res, args.batch, args.mode, args.steps,
+                             args.warmup, compiled, args.num_classes)), flush=True)
 
 
 if __name__ == "__main__":

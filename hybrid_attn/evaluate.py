@@ -5,6 +5,11 @@ batch and marks padding with ``mask``), also usable on its own from a checkpoint
     python -m hybrid_attn.evaluate --config=configs/coatnet0.py:digits --workdir=runs/x
 """
 
+if __name__ == "__main__":  # before jax loads: a glibc tunable is read at process start
+    from hybrid_attn import host_malloc
+
+    host_malloc.reexec_with_hugepages()
+
 import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -160,10 +165,9 @@ def main(argv: list[str]) -> None:
     """CLI: evaluates the newest (or ``--step``) checkpoint of ``--workdir`` on ``--split``."""
     from absl import flags, logging
 
-    from hybrid_attn import distributed, host_malloc
+    from hybrid_attn import distributed
 
     del argv
-    host_malloc.setup_for_entry_point()  # before XLA's threads first allocate
     distributed.initialize_from_flags()  # --jax_distributed [--coordinator_address ...]
     flag = flags.FLAGS
     result = evaluate_checkpoint(flag.config, flag.workdir, split=flag.split or None,

@@ -1,13 +1,18 @@
 """Entry point: ``python -m hybrid_attn.main --config=configs/coatnet0.py:digits --workdir=DIR``.
 
-Parses flags, sets glibc malloc to keep XLA:CPU's buffers mapped on a CPU-only install
-(``hybrid_attn.host_malloc``), starts the multi-process runtime
+Restarts itself with huge pages for glibc's large blocks on a CPU-only install
+(``hybrid_attn.host_malloc``), parses flags, starts the multi-process runtime
 (``hybrid_attn.distributed``), logs the hosts and devices, and calls
 ``train.train_and_evaluate``. Bad input (a config typo, a workdir of another model, a
 diverging run) ends with one line on stderr and exit code 1 (2 for flag errors).
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # before jax loads: a glibc tunable is read at process start
+    from hybrid_attn import host_malloc
+
+    host_malloc.reexec_with_hugepages()
 
 import logging as std_logging
 import sys
@@ -17,7 +22,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from hybrid_attn import checkpoint, config_lib, distributed, host_malloc, train
+from hybrid_attn import checkpoint, config_lib, distributed, train
 from hybrid_attn.data.input_pipeline import DatasetNotPreparedError
 
 FLAGS = flags.FLAGS
@@ -62,8 +67,6 @@ def main(argv: list[str]) -> None:
     _quiet_third_party_info()
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if host_malloc.setup_for_entry_point():  # before XLA's threads first allocate
-        logging.info("glibc malloc: one arena, no mmap or trimming (hybrid_attn.host_malloc)")
     distributed.initialize_from_flags()
     logging.info("JAX process %d of %d; %d local / %d global devices: %s",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),

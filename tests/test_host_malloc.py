@@ -1,7 +1,8 @@
-"""host_malloc: with its glibc settings a repeated XLA:CPU computation stops page-faulting
-its output buffer; without them every call faults it in again."""
+"""host_malloc: with glibc's huge-page tunable a repeated XLA:CPU computation faults its
+output buffer in 2 MiB pages instead of 4 KiB ones; entry points restart with it."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,54 +10,70 @@ import pytest
 
 from hybrid_attn import host_malloc
 
-pytestmark = pytest.mark.skipif(host_malloc._glibc() is None, reason="needs glibc")
+linux_thp = pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and host_malloc.transparent_hugepages()),
+    reason="needs Linux with transparent huge pages (always or madvise)")
 
 # A 64 MiB result (16,384 pages of 4 KiB), computed nine times; prints the minor page
-# faults of the last call. (With the settings the heap first grows by a few such blocks,
-# since an aligned block freed next to small ones is too small for the next aligned
-# request, then reuses them: measured 4 calls with faults, then none.)
+# faults of the last call.
 _PROBE = """
-import json, resource, sys
+import json, resource
 import jax, jax.numpy as jnp
-from hybrid_attn import host_malloc
-applied = host_malloc.keep_freed_memory() if sys.argv[1] == "keep" else False
 f = jax.jit(lambda x: x * 2.0)
 x = jnp.ones((4096, 4096), jnp.float32)
 for _ in range(8):
     f(x).block_until_ready()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 f(x).block_until_ready()
-print(json.dumps({"applied": applied,
-                  "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+print(json.dumps({"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
 """
 _PAGES = 4096 * 4096 * 4 // 4096
 
 
-def _faults(mode: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True,
-                          text=True, timeout=120,
-                          env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", "HYBRID_ATTN_MALLOC")}
+    return {**env, "JAX_PLATFORMS": "cpu", **extra}
+
+
+def _run(code: str, env: dict[str, str]) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return done.stdout.strip().splitlines()[-1]
 
 
-def test_kept_memory_is_not_faulted_in_again():
-    default, kept = _faults("default"), _faults("keep")
-    # glibc's default maps the 64 MiB result afresh on every call...
-    assert default["faults"] > _PAGES // 2, default
-    # ...and with the settings the freed block is reused without faulting its pages.
-    assert kept["applied"] is True
-    assert kept["faults"] < _PAGES // 20, kept
+@linux_thp
+def test_huge_pages_cut_the_faults_of_a_large_result():
+    default = json.loads(_run(_PROBE, _env()))["faults"]
+    huge = json.loads(_run(_PROBE, _env(GLIBC_TUNABLES=host_malloc.TUNABLE)))["faults"]
+    # glibc maps the 64 MiB result afresh on every call and faults in each 4 KiB page...
+    assert default > _PAGES // 2, default
+    # ...and with the tunable in 2 MiB pages (32 for 64 MiB, plus small blocks).
+    assert huge < _PAGES // 20, huge
 
 
-def test_entry_point_setup_follows_platform_and_opt_out(monkeypatch):
-    calls = []
-    monkeypatch.setattr(host_malloc, "keep_freed_memory", lambda: calls.append(1) or True)
-    monkeypatch.delenv("HYBRID_ATTN_MALLOC", raising=False)
+_SHOW = ("from hybrid_attn import host_malloc; host_malloc.reexec_with_hugepages(); "
+         "import os, sys; print(repr(os.environ.get('GLIBC_TUNABLES')), sys.argv[1:])")
+
+
+@linux_thp
+def test_entry_point_restarts_with_the_tunable_unless_opted_out():
+    out = _run(_SHOW, _env(GLIBC_TUNABLES="glibc.malloc.tcache_count=8"))
+    assert out == "'glibc.malloc.tcache_count=8:glibc.malloc.hugetlb=1' []", out
+    assert _run(_SHOW, _env(HYBRID_ATTN_MALLOC="default")) == "None []"
+    assert _run(_SHOW, _env(JAX_PLATFORMS="cuda,cpu")) == "None []"
+
+
+def test_platform_and_kernel_detection(monkeypatch, tmp_path):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    assert host_malloc.cpu_only() and host_malloc.setup_for_entry_point() and calls == [1]
-    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
-    assert not host_malloc.cpu_only() and not host_malloc.setup_for_entry_point()
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("HYBRID_ATTN_MALLOC", "default")
-    assert not host_malloc.setup_for_entry_point() and calls == [1]
+    assert host_malloc.cpu_only()
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+    assert not host_malloc.cpu_only()
+    for mode, expected in (("always [madvise] never", True), ("[always] madvise never", True),
+                           ("always madvise [never]", False)):
+        (tmp_path / "enabled").write_text(mode + "\n")
+        assert host_malloc.transparent_hugepages(tmp_path / "enabled") is expected
+    assert not host_malloc.transparent_hugepages(tmp_path / "missing")
+    assert host_malloc.with_tunable({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) == {
+        "GLIBC_TUNABLES": host_malloc.TUNABLE}
