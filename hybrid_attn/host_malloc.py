@@ -5,7 +5,7 @@ batch 8, 3.5 GB for CoAtNet-0's) and its outputs with ``posix_memalign`` on a wo
 thread. glibc serves such a block with a fresh ``mmap`` (a worker thread's arena holds at
 most 64 MB) and unmaps it on ``free``, so every step faults the memory in again, one 4 KiB
 page at a time: 393,616 minor faults per Twins-SVT-S step and 1.04 million per CoAtNet-0
-step, a third of CoAtNet-0's one-thread train step on a 2-core Xeon (6.5 s against 4.4-4.6
+step, 30% of CoAtNet-0's one-thread train step on a 2-core Xeon (6.5 s against 4.4-4.6
 s without the faults), and a 51 MB elementwise result took 17 ms where 4 ms is the compute.
 
 The fix used here is glibc's tunable ``glibc.malloc.hugetlb=1``: malloc then asks for
@@ -15,8 +15,8 @@ one fault per 2 MiB. Measured on that machine, one run each (``python -m hybrid_
 
 | | glibc default | ``hugetlb=1`` | one arena, no mmap, no trim (mallopt) |
 |---|---|---|---|
-| CoAtNet-0, 1 thread | ~6500 / 15.9 | 4560 / 15.6 | 4409 / 15.8 |
-| CoAtNet-0, 2 threads | 3220 / 10.2 | 2639 / 9.6 | 2658 / 14.6 |
+| CoAtNet-0, 1 thread | 6496 / 15.8 | 4560 / 15.6 | 4409 / 15.8 |
+| CoAtNet-0, 2 threads | 3234 / 10.0 | 2639 / 9.6 | 2658 / 14.6 |
 | Twins-SVT-S, 2 threads | 1374 / 13.8 | 1164 / 14.7 | 1310 / 21.1 |
 
 The third column (``mallopt(M_ARENA_MAX=1, M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1)``, which
