@@ -1,7 +1,7 @@
 """Huge pages for XLA:CPU's large buffers, so a train step stops page-faulting them.
 
-XLA:CPU allocates each executable's temporaries (1.4 GB for Twins-SVT-S's train step at
-batch 8, 3.5 GB for CoAtNet-0's) and its outputs with ``posix_memalign`` on a worker
+XLA:CPU allocates each executable's temporaries (1.4 GiB for Twins-SVT-S's train step at
+batch 8, 3.5 GiB for CoAtNet-0's) and its outputs with ``posix_memalign`` on a worker
 thread. glibc serves such a block with a fresh ``mmap`` (a worker thread's arena holds at
 most 64 MB) and unmaps it on ``free``, so every step faults the memory in again, one 4 KiB
 page at a time: 393,616 minor faults per Twins-SVT-S step and 1.04 million per CoAtNet-0
