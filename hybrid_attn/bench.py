@@ -38,10 +38,10 @@ which applied (``malloc``).
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # before jax loads: a glibc tunable is read at process start
-    from hybrid_attn import host_malloc as _host_malloc
+from hybrid_attn import host_malloc
 
-    _host_malloc.reexec_with_hugepages()
+if __name__ == "__main__":  # before jax loads: a glibc tunable is read at process start
+    host_malloc.reexec_with_hugepages()
 
 import dataclasses
 import json
@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import optax
 from absl import app, flags
 
-from hybrid_attn import host_malloc, sharding, train
+from hybrid_attn import sharding, train
 from hybrid_attn.models import get_model
 
 FLAGS = flags.FLAGS
