@@ -222,7 +222,9 @@ def test_temporary_memory_is_bounded():
         fn = module.apply
         if backward:
             fn = jax.grad(lambda p, x: jnp.sum(module.apply(p, x) ** 2), argnums=(0, 1))
-        compiled = jax.jit(fn).lower(params, x).compile()
+        # XLA's default MLIR fusion emitters, as the benchmark and training use (conftest
+        # turns them off to compile faster; the classic emitters keep 5x the temporaries).
+        compiled = jax.jit(fn).lower(params, x).compile({"xla_cpu_use_fusion_emitters": True})
         return compiled.memory_analysis().temp_size_in_bytes
 
     conv = temp_bytes(nn.Conv(64, (3, 3), use_bias=False))
