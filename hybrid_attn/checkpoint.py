@@ -146,6 +146,18 @@ class Checkpointer:
         same_name = meta.get("model_name") == self.meta.get("model_name")
         if same_name and _layout(saved_tree) == _layout(abstract):
             return
+
+        def model_part(tree):
+            return [leaf for leaf in _layout(tree) if not leaf[0].startswith("opt_state/")]
+
+        if same_name and model_part(saved_tree) == model_part(abstract):
+            raise CheckpointMismatchError(
+                f"{self.directory}/{step} holds this model, but its optimizer state has "
+                "another layout than this run's (config.optim differs from the run that "
+                "wrote it: name, grad_clip_norm > 0 or not, flat_state): resume with the "
+                "same optim settings, or pass the checkpoint as config.init_checkpoint to "
+                "start from its weights with a fresh optimizer."
+            )
         raise CheckpointMismatchError(
             f"{self.directory}/{step} holds a checkpoint of {_describe(meta)}, but this run "
             f"trains {_describe(self.meta)}: use another --workdir, or pass the checkpoint "

@@ -28,6 +28,12 @@ class OptimConfig:
     nesterov: bool = True  # sgd only
     grad_clip_norm: float = 1.0  # <= 0 disables
     ema_decay: float = 0.0  # > 0 keeps an EMA of the parameters, used for evaluation
+    # AdamW only: the global-norm clip and Adam's moments on one flat vector of all
+    # parameters (optax.flatten) instead of per leaf; the same arithmetic in a few large
+    # kernels rather than hundreds of small ones, which compiles and steps faster on
+    # XLA:CPU (README, Speed). The moments are then one 1-D array each, placed by the
+    # sharding rule for their path (``opt_state/0/...``) as a whole: keep it off with FSDP.
+    flat_state: bool = False
 
     def __post_init__(self) -> None:
         checks = {
@@ -43,6 +49,7 @@ class OptimConfig:
             "eps > 0": self.eps > 0,
             "0 <= momentum < 1": 0 <= self.momentum < 1,
             "0 <= ema_decay < 1": 0 <= self.ema_decay < 1,
+            "flat_state only with name adamw": not self.flat_state or self.name == "adamw",
         }
         failed = [rule for rule, ok in checks.items() if not ok]
         if failed:
@@ -100,10 +107,23 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """Gradient clipping, then AdamW or SGD (Nesterov) with masked decoupled weight decay."""
-    parts = []
-    if cfg.grad_clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+    """Gradient clipping, then AdamW or SGD (Nesterov) with masked decoupled weight decay.
+
+    With ``flat_state`` (AdamW only) the per-element work, the global-norm clip and the
+    moments, runs under ``optax.flatten`` on one vector of all parameters, while the decay
+    mask and the learning rate still apply per parameter: the same update as
+    ``optax.adamw(schedule, ..., mask=decay_mask)`` after ``clip_by_global_norm``, built
+    from the parts optax composes ``adamw`` of.
+    """
+    clip = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
+    if cfg.flat_state:
+        return optax.chain(
+            optax.flatten(optax.chain(*clip, optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2,
+                                                                 eps=cfg.eps))),
+            optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+            optax.scale_by_learning_rate(schedule),
+        )
+    parts = list(clip)
     if cfg.name == "adamw":
         parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                                  weight_decay=cfg.weight_decay, mask=decay_mask))

@@ -78,6 +78,34 @@ def test_workdir_of_another_model_is_refused_in_one_sentence(tmp_path):
         checkpoint.Checkpointer(str(tmp_path), meta=META).restore(bigger)
 
 
+@flax.struct.dataclass
+class OptState:
+    step: jax.Array
+    params: dict
+    opt_state: object
+
+
+def test_same_model_with_another_optimizer_layout_names_the_optimizer(tmp_path):
+    """A workdir written with per-leaf AdamW moments, resumed with optim.flat_state (one
+    flat vector): the error says the optimizer state differs, not that the model does."""
+    import optax
+
+    from hybrid_attn import optim
+
+    params = _state(0).params
+    per_leaf, flat = (optim.make_optimizer(optim.OptimConfig(flat_state=f),
+                                           optax.constant_schedule(1e-3))
+                      for f in (False, True))
+    ckpt = checkpoint.Checkpointer(str(tmp_path), meta=META)
+    ckpt.save(2, OptState(jnp.int32(2), params, per_leaf.init(params)))
+    ckpt.close()
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="optimizer state") as e:
+        checkpoint.Checkpointer(str(tmp_path), meta=META).restore(
+            OptState(jnp.int32(0), params, flat.init(params)))
+    assert "\n" not in str(e.value) and "flat_state" in str(e.value)
+    assert os.path.isdir(tmp_path / "checkpoints" / "2")  # refused, not skipped
+
+
 def test_non_finite_state_is_never_written(tmp_path):
     """Finding 1 (storage side): keep-last-N cannot replace good steps by NaN ones."""
     ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, meta=META)

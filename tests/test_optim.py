@@ -77,3 +77,69 @@ def test_invalid_learning_rate_is_a_one_line_error(name):
         with pytest.raises(ValueError, match="need learning_rate > 0") as e:
             optim.OptimConfig.from_config({"name": name, "learning_rate": lr}, 10)
         assert "\n" not in str(e.value)
+
+
+def _numpy_adamw(params, grads_per_step, lrs, mask, *, b1, b2, eps, wd, clip):
+    """AdamW written out in numpy, leaf by leaf: global-norm clip, bias-corrected moments,
+    decoupled decay on the masked leaves (Loshchilov & Hutter), as the reference."""
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    mu = {k: np.zeros_like(v) for k, v in p.items()}
+    nu = {k: np.zeros_like(v) for k, v in p.items()}
+    for t, (grads, lr) in enumerate(zip(grads_per_step, lrs), start=1):
+        g = {k: np.asarray(v, np.float64) for k, v in grads.items()}
+        norm = np.sqrt(sum((v ** 2).sum() for v in g.values()))
+        if norm > clip:
+            g = {k: v * clip / norm for k, v in g.items()}
+        for k in p:
+            mu[k] = b1 * mu[k] + (1 - b1) * g[k]
+            nu[k] = b2 * nu[k] + (1 - b2) * g[k] ** 2
+            step = (mu[k] / (1 - b1 ** t)) / (np.sqrt(nu[k] / (1 - b2 ** t)) + eps)
+            p[k] = p[k] - lr * (step + (wd * p[k] if mask[k] else 0.0))
+    return p
+
+
+def _nested(flat: dict) -> dict:
+    """``{"conv/kernel": x}`` -> ``{"conv": {"kernel": x}}`` as jax arrays."""
+    tree = {}
+    for key, value in flat.items():
+        scope, name = key.split("/")
+        tree.setdefault(scope, {})[name] = jnp.asarray(value)
+    return tree
+
+
+@pytest.mark.parametrize("flat_state", [False, True])
+def test_adamw_matches_a_numpy_reference_in_both_layouts(flat_state):
+    """Four steps of warmup + cosine with clipping active: the per-leaf optimizer and the
+    flat-state one (``optax.flatten``) both equal AdamW written out in numpy."""
+    rng = np.random.default_rng(0)
+    shapes = {"conv/kernel": (3, 3, 2, 4), "conv/bias": (4,), "norm/scale": (4,),
+              "position/table": (5, 2), "dense/kernel": (4, 3)}
+    params = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    grads = [{k: (3 * rng.normal(size=s)).astype(np.float32) for k, s in shapes.items()}
+             for _ in range(4)]
+    cfg = optim.OptimConfig(learning_rate=0.05, end_learning_rate=0.001, warmup_steps=2,
+                            weight_decay=0.3, b1=0.8, b2=0.95, eps=1e-6, grad_clip_norm=2.0,
+                            flat_state=flat_state)
+    schedule = optim.make_schedule(cfg, total_steps=6)
+    tx = optim.make_optimizer(cfg, schedule)
+    p = _nested(params)
+    state = tx.init(p)
+    for g in grads:
+        updates, state = tx.update(_nested(g), state, p)
+        p = optax.apply_updates(p, updates)
+    mask = {k: k.endswith("kernel") for k in shapes}  # the rule: matrices, not position
+    want = _numpy_adamw(params, grads, [float(schedule(i)) for i in range(4)], mask,
+                        b1=0.8, b2=0.95, eps=1e-6, wd=0.3, clip=2.0)
+    for k, v in want.items():
+        scope, name = k.split("/")
+        np.testing.assert_allclose(p[scope][name], v, rtol=2e-5, atol=1e-6, err_msg=k)
+    moments = [x for x in jax.tree_util.tree_leaves(state) if x.ndim >= 1]
+    if flat_state:  # two flat moment vectors, each holding every parameter
+        assert [x.shape for x in moments] == [(sum(int(np.prod(s)) for s in shapes.values()),)] * 2
+    else:
+        assert len(moments) == 2 * len(shapes)
+
+
+def test_flat_state_is_for_adamw_only():
+    with pytest.raises(ValueError, match="flat_state only with name adamw"):
+        optim.OptimConfig(name="sgd", flat_state=True)

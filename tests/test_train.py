@@ -74,9 +74,10 @@ def test_weight_decay_mask_matrices_but_not_norms_biases_or_position_tables():
     np.testing.assert_allclose(new["norm"]["scale"], 1.0)
 
 
-def _one_step(mesh, batch):
+def _one_step(mesh, batch, flat_state=False):
     model = TinyNet()
-    cfg = optim.OptimConfig(learning_rate=0.1, warmup_steps=0, schedule="constant")
+    cfg = optim.OptimConfig(learning_rate=0.1, warmup_steps=0, schedule="constant",
+                            flat_state=flat_state)
     schedule = optim.make_schedule(cfg, 10)
     tx = optim.make_optimizer(cfg, schedule)
     rng = jax.random.PRNGKey(0)
@@ -86,13 +87,14 @@ def _one_step(mesh, batch):
     return jax.device_get(state), {k: float(v) for k, v in metrics.compute().items()}
 
 
-def test_train_step_same_on_8_devices_as_on_1():
+@pytest.mark.parametrize("flat_state", [False, True])
+def test_train_step_same_on_8_devices_as_on_1(flat_state):
     assert jax.device_count() == 8, "conftest.py sets 8 fake CPU devices"
     rng = np.random.default_rng(0)
     batch = {"image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
              "label": np.eye(10, dtype=np.float32)[rng.integers(0, 10, 16)]}
-    state1, m1 = _one_step(sharding.make_mesh(jax.devices()[:1]), batch)
-    state8, m8 = _one_step(sharding.make_mesh(), batch)
+    state1, m1 = _one_step(sharding.make_mesh(jax.devices()[:1]), batch, flat_state)
+    state8, m8 = _one_step(sharding.make_mesh(), batch, flat_state)
     assert m1["loss"] == pytest.approx(m8["loss"], rel=1e-5)
     assert m1["grad_norm"] == pytest.approx(m8["grad_norm"], rel=1e-4)
     for a, b in zip(jax.tree_util.tree_leaves(state1), jax.tree_util.tree_leaves(state8)):
@@ -127,13 +129,15 @@ def _saved_params(workdir, step):
     return loaded
 
 
-def test_resume_after_sigterm_matches_uninterrupted_run(monkeypatch, tmp_path):
+@pytest.mark.parametrize("flat_state", [False, True])
+def test_resume_after_sigterm_matches_uninterrupted_run(monkeypatch, tmp_path, flat_state):
     """Stopped by SIGTERM midway and rerun, training ends with the same parameters,
-    BatchNorm statistics and EMA."""
+    BatchNorm statistics and EMA, with the optimizer state per leaf or flat."""
     from hybrid_attn.data import input_pipeline
 
     monkeypatch.setattr(train, "build_model", lambda c: TinyNet(c.data.num_classes))
     config = _digits_config(str(tmp_path / "data"))
+    config.optim.flat_state = flat_state
     full = train.train_and_evaluate(config, str(tmp_path / "full"))
     assert full["num_examples"] == 360  # the whole digits test split, each example once
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "full"))
