@@ -10,7 +10,8 @@ attention or, for comparison, a 3x3 convolution); ``--mode train`` is forward + 
 
 Reports images/s and ms per step (median over ``--steps`` timed steps after warm-up), the
 process CPU time per step (on a shared machine the steadier measure of work at one
-thread), compile time, the FLOPs per step from XLA's cost analysis summed over devices (XLA
+thread), compile time (``compile_s``: tracing, lowering and XLA's compile; ``lower_s``: tracing
+and lowering alone), the FLOPs per step from XLA's cost analysis summed over devices (XLA
 counts a multiply-add as two FLOPs), the compiled per-device program's temporary memory
 and, where the backend reports it, the device's peak memory in use. A train step is
 forward + backward + the trainer's AdamW update (:func:`hybrid_attn.optim.make_optimizer`, lr
@@ -226,7 +227,9 @@ def run_benchmark(model_name: str, res: int, batch: int, mode: str, dtype: str =
         args = (variables, batch_data)
 
     t0 = time.perf_counter()
-    compiled = step.lower(*args).compile()
+    lowered = step.lower(*args)
+    lower_s = time.perf_counter() - t0
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
 
     if mode == "train":  # the step donates its state: thread it through the calls
@@ -249,7 +252,8 @@ def run_benchmark(model_name: str, res: int, batch: int, mode: str, dtype: str =
         "step_ms": round(step_s * 1e3, 2),
         "cpu_ms": round(cpu_s * 1e3, 2),
         "cpus": len(os.sched_getaffinity(0)),
-        "compile_s": round(compile_s, 2),
+        "compile_s": round(compile_s, 2),  # tracing + lowering + XLA compile
+        "lower_s": round(lower_s, 2),  # tracing + lowering to StableHLO alone
         # XLA analyses the per-device program; data parallelism splits the work evenly.
         "flops_per_step": _flops(compiled) * mesh.devices.size,
         "temp_memory_bytes": getattr(memory, "temp_size_in_bytes", None),
