@@ -200,6 +200,63 @@ def test_packed_kernel_equals_the_split_kernel_and_its_gradients():
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+def _window_attention_reference(q, k, v, block):
+    """Non-overlapping ``block`` windows tiling the map, one window at a time (jnp, so the
+    reference has gradients): softmax(q k / sqrt(d)) v within each window."""
+    (bh, bw), (_, h, w, heads, d) = block, q.shape
+    out = jnp.zeros(q.shape[:-1] + v.shape[-1:])
+    for r0 in range(0, h, bh):
+        for c0 in range(0, w, bw):
+            win = (slice(None), slice(r0, r0 + bh), slice(c0, c0 + bw))
+            qw, kw, vw = (t[win].reshape(t.shape[0], -1, heads, t.shape[-1]) for t in (q, k, v))
+            weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", qw, kw) / np.sqrt(d), -1)
+            o = jnp.einsum("bhqk,bkhd->bqhd", weights, vw)
+            out = out.at[win].set(o.reshape(out[win].shape))
+    return out
+
+
+@pytest.mark.parametrize("chunks", [{}, {"row_chunk": 1, "batch_chunk": 2}])
+def test_windows_tiling_the_map_equal_window_attention_and_its_gradients(chunks):
+    """Blocks that tile the map with no halo (Twins' LSA at 224) take rows by reshaping the
+    map instead of gathering: forward and gradients against the window-by-window
+    reference, for the packed and the split kernel, and with zero-padded keys (which
+    never occur when the blocks tile the map)."""
+    rng = np.random.default_rng(8)
+    qkv = rng.normal(size=(4, 6, 8, 3, 2, 4)).astype(np.float32)
+    layout = BlockLayout.make((6, 8), (3, 4))
+    kernels = {
+        "reference": lambda t: _window_attention_reference(
+            t[..., 0, :, :], t[..., 1, :, :], t[..., 2, :, :], (3, 4)),
+        "packed": lambda t: blocked_attention_packed(t, layout, **chunks)[0],
+        "split": lambda t: blocked_attention(t[..., 0, :, :], t[..., 1, :, :],
+                                             t[..., 2, :, :], layout, **chunks)[0],
+        "zero_kv": lambda t: blocked_attention(
+            t[..., 0, :, :], t[..., 1, :, :], t[..., 2, :, :],
+            BlockLayout.make((6, 8), (3, 4), mask_outside=False), **chunks)[0],
+    }
+    # Weighted per position: a plain sum would not see images or windows swapped.
+    weight = rng.normal(size=(4, 6, 8, 2, 4)).astype(np.float32)
+    for f in (lambda g: g, jax.grad):
+        results = {name: np.asarray(jax.jit(f(lambda t, g=g: jnp.sum(g(t) * weight)))(qkv))
+                   for name, g in kernels.items()}
+        for name in ("packed", "split", "zero_kv"):
+            np.testing.assert_allclose(results[name], results["reference"], rtol=1e-5,
+                                       atol=1e-5, err_msg=name)
+
+
+def test_windows_tiling_the_map_need_no_scatter_in_the_backward_pass():
+    """The reason for the tiled path: its gradient is transposes, not the gather path's
+    scatter-add (which a 5x7 map, not a multiple of 3x4, still takes)."""
+    def grad_hlo(hw):
+        qkv = jax.ShapeDtypeStruct((2, *hw, 3, 2, 4), jnp.float32)
+        layout = BlockLayout.make(hw, (3, 4))
+        loss = lambda t: jnp.sum(blocked_attention_packed(t, layout)[0])  # noqa: E731
+        return jax.jit(jax.grad(loss)).lower(qkv).as_text()
+
+    assert "scatter" not in grad_hlo((6, 8))
+    assert "scatter" in grad_hlo((5, 7))
+
+
 def test_bfloat16_compute_stays_close_to_float32():
     x = np.random.default_rng(5).normal(size=(1, 6, 6, 8)).astype(np.float32)
     layer = LocalSelfAttention(8, num_heads=2, kernel_size=3)

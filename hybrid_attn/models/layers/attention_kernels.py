@@ -330,6 +330,17 @@ def _blocked_attention(
     looped = row_chunk is not None and row_chunk < nh
     bc = b if batch_chunk is None or not looped else math.gcd(b, min(batch_chunk, b))
     nb = b // bc  # sequential steps per block row
+    # Non-overlapping windows that tile the map (Twins' LSA at 224, MaxViT's blocks): a
+    # block row is a plain reshape of the map, so the steps read their rows from one
+    # transposed copy instead of gathering (whose gradient is a scatter-add: slow to
+    # compile and to run on XLA:CPU). Same steps, same result.
+    tiled = (hh, hw) == (0, 0) and (hp, wp) == (h, w)
+    if tiled:
+        def by_step(t: jax.Array) -> jax.Array:
+            """``[B, H, ...] -> [nh * nb, bc, bh, ...]``, step ``i = n * nb + c``."""
+            t = t.reshape(nb, bc, nh, bh, *t.shape[2:])
+            return jnp.swapaxes(t, 0, 2).swapaxes(1, 2).reshape(nh * nb, bc, bh, *t.shape[4:])
+        step_rows = by_step(source) if packed else tuple(map(by_step, source))
 
     def gather(t: jax.Array, c: jax.Array, row_index: jax.Array, col_index: np.ndarray,
                *plane: Any) -> jax.Array:
@@ -367,13 +378,22 @@ def _blocked_attention(
         return tuple(t.transpose(0, 2, 1, 3, 4, 5).reshape(bc, nw, kh * kw, heads, -1)
                      for t in (kn, vn))
 
-    def block_row(i: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    def windows(t: jax.Array) -> jax.Array:
+        """``[bc, bh, wp, heads, x] -> [bc, nw, bh * bw, heads, x]``."""
+        t = t.reshape(bc, bh, nw, bw, *t.shape[3:]).transpose(0, 2, 1, 3, 4, 5)
+        return t.reshape(bc, nw, bh * bw, *t.shape[4:])
+
+    def block_row(i: jax.Array, row: Any = None) -> tuple[jax.Array, jax.Array | None]:
         """Step ``i``: output rows ``[n * bh, (n + 1) * bh)`` of images ``[c * bc, (c + 1) *
-        bc)`` for ``n, c = divmod(i, nb)``: ``[bc, bh, wp, heads, dv]``."""
+        bc)`` for ``n, c = divmod(i, nb)``: ``[bc, bh, wp, heads, dv]``. ``row``: the
+        step's rows of the source when the blocks tile the map."""
         n, c = (i, 0) if nb == 1 else (i // nb, i % nb)
-        qn = take_queries(n, c).reshape(bc, bh, nw, bw, heads, d).transpose(0, 2, 1, 3, 4, 5)
-        qn = qn.reshape(bc, nw, bh * bw, heads, d)
-        kn, vn = take_keys(n, c)
+        if tiled:
+            planes = (row[..., 0, :, :], row[..., 1, :, :], row[..., 2, :, :]) if packed else row
+            qn, kn, vn = map(windows, planes)
+        else:
+            qn = windows(take_queries(n, c))
+            kn, vn = take_keys(n, c)
         mask = None
         if masked:
             row_mask = jnp.asarray(rows)[n][None, :, None, :, None]
@@ -389,11 +409,13 @@ def _blocked_attention(
         return out.reshape(bc, bh, wp, heads, dv), (weights if return_weights else None)
 
     index = jnp.arange(nh * nb)
+    steps = (index, step_rows) if tiled else (index,)
     if not looped:
-        out, weights = jax.vmap(block_row)(index)
+        out, weights = jax.vmap(block_row)(*steps)
     else:
         batch = row_chunk * nb if row_chunk > 1 else None  # None: no vmap inside the loop
-        out, weights = lax.map(jax.checkpoint(block_row), index, batch_size=batch)
+        out, weights = lax.map(lambda a: jax.checkpoint(block_row)(*a), steps,
+                               batch_size=batch)
     # [nh * nb, bc, ...] -> [nh, B, ...]
     out = out.reshape(nh, b, bh, wp, heads, dv)
     if weights is not None:
