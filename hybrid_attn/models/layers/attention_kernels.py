@@ -24,6 +24,8 @@ key falls outside the image (it is masked anyway): no padded or split copy of q,
 exists, and the backward pass scatters into one cotangent of the projection. An axis that
 fits in one block gets no halo (it would hold only masked padding), so a map smaller than
 the window costs no more than global attention.
+Blocks that tile the map with no halo (Twins' LSA at 224) skip the gathers: each step's
+rows are a reshape of the map, so the backward pass is a transpose, not a scatter-add.
 
 XLA temporary memory (``jax.jit(f).lower(...).compile().memory_analysis()``) and time
 (best of 5 calls) of SASA's layer for batch 8 on a 56x56x64 map (6.1 MiB; 8 heads, k = 7),
