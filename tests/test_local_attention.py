@@ -196,7 +196,7 @@ def test_packed_kernel_equals_the_split_kernel_and_its_gradients():
 
         weight = rng.normal(size=(4, 7, 9, 2, 4)).astype(np.float32)  # sees swapped images
         for f in (lambda t: t, jax.grad):
-            got, want = (jax.jit(f(lambda t, g=g: jnp.sum(jnp.sin(g(t)) * weight)))(qkv)
+            got, want = (jax.jit(f(lambda t, g=g, w=weight: jnp.sum(jnp.sin(g(t)) * w)))(qkv)
                          for g in (packed, split))
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
