@@ -1,5 +1,6 @@
 """Trainer: the action schedule, multi-device equivalence, and exact resume."""
 
+import functools
 import os
 import signal
 
@@ -102,6 +103,33 @@ def test_train_step_same_on_8_devices_as_on_1(flat_state):
     # The update really moved the parameters and the BatchNorm statistics.
     assert int(state8.step) == 1
     assert float(np.abs(state8.batch_stats["BatchNorm_0"]["mean"]).sum()) > 0
+
+
+def test_light_codegen_init_reaches_xla_and_gives_the_same_state(monkeypatch):
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    # conftest's XLA_FLAGS set both keys (-O0): a key set there wins, so tests are unchanged.
+    assert train.init_compiler_options(mesh) is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert train.init_compiler_options(mesh) == train.CPU_LIGHT_CODEGEN
+    assert train.init_compiler_options(mesh, light_codegen=False) is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
+    assert train.init_compiler_options(mesh) == {"xla_llvm_disable_expensive_passes": True}
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    model, tx, rng = TinyNet(), optax.adamw(1e-3), jax.random.PRNGKey(0)
+    init = functools.partial(train.create_train_state, model, tx, rng, (1, 8, 8, 3), mesh,
+                             ema=True)
+    # -O1 (the options) against the process's own -O0 flags: the same parameters.
+    light, _ = init(light_codegen=True)
+    plain, _ = init(light_codegen=False)
+    for a, b in zip(jax.tree_util.tree_leaves(light), jax.tree_util.tree_leaves(plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # The options reach XLA's compile, and only with the switch on: XLA rejects a key it
+    # does not know.
+    monkeypatch.setitem(train.CPU_LIGHT_CODEGEN, "xla_no_such_option", True)
+    with pytest.raises(Exception, match="No such compile option"):
+        init(light_codegen=True)
+    init(light_codegen=False)
 
 
 def test_batch_size_must_split_over_devices():
