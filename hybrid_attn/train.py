@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import math
 import os
-import re
 import signal
 import time
 from collections.abc import Callable
@@ -138,9 +137,8 @@ def init_compiler_options(mesh: Mesh, light_codegen: bool = True) -> dict[str, A
     None (XLA's defaults) on GPU and TPU or when switched off."""
     if not light_codegen or mesh.devices.flat[0].platform != "cpu":
         return None
-    flags = os.environ.get("XLA_FLAGS", "")
-    options = {k: v for k, v in CPU_LIGHT_CODEGEN.items()
-               if not re.search(rf"--{k}(?![\w])", flags)}
+    set_keys = {f.split("=", 1)[0].lstrip("-") for f in os.environ.get("XLA_FLAGS", "").split()}
+    options = {k: v for k, v in CPU_LIGHT_CODEGEN.items() if k not in set_keys}
     return options or None
 
 
@@ -158,7 +156,7 @@ def create_train_state(
     """Initialises the state directly in the sharding ``sharding_cfg``'s rules give it (no
     device ever holds an unsharded copy); returns it and the sharding tree.
     ``light_codegen``: compile the init with :func:`init_compiler_options` (on CPU; the same
-    parameters, a quarter to a third less compile time)."""
+    parameters, 2-12 s less start-up for the 224-px models measured above)."""
 
     def init(rng):
         variables = model.init({"params": rng, "dropout": rng}, jnp.zeros(image_shape), train=False)
