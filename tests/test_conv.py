@@ -123,17 +123,17 @@ def test_bad_shapes_and_options_are_named():
 def dense_loop_reference(x, kernel, strides, padding, g):
     """Dense conv output and the gradients of sum(output * g), by plain loops."""
     b, h, w, _ = x.shape
-    k = kernel.shape[0]
-    (pt, pb), (pl, pr) = _pads(h, w, k, strides, padding)
+    kh, kw = kernel.shape[:2]
+    (pt, pb), (pl, pr) = _pads(h, w, kh, strides, padding)  # SAME only with square kernels
     xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    oh = (h + pt + pb - k) // strides[0] + 1
-    ow = (w + pl + pr - k) // strides[1] + 1
+    oh = (h + pt + pb - kh) // strides[0] + 1
+    ow = (w + pl + pr - kw) // strides[1] + 1
     y = np.zeros((b, oh, ow, kernel.shape[-1]))
     dxp, dk = np.zeros_like(xp), np.zeros_like(kernel)
     for i in range(oh):
         for j in range(ow):
-            for di in range(k):
-                for dj in range(k):
+            for di in range(kh):
+                for dj in range(kw):
                     r, s = i * strides[0] + di, j * strides[1] + dj
                     y[:, i, j] += xp[:, r, s] @ kernel[di, dj]
                     dxp[:, r, s] += g[:, i, j] @ kernel[di, dj].T
@@ -146,7 +146,7 @@ DENSE_CASES = [(1, (1, 1), "SAME"), (1, (2, 2), "SAME"), (1, (2, 1), ((1, 0), (0
                (2, (2, 2), "VALID"), (3, (3, 3), "VALID"), (2, (2, 2), ((1, 0), (0, 1)))]
 
 
-@pytest.mark.parametrize("impl", ["dot", "native", "auto"])
+@pytest.mark.parametrize("impl", ["dot", "native", "rows_grad", "auto"])
 @pytest.mark.parametrize("k,strides,padding", DENSE_CASES)
 def test_dense_forward_and_gradients_match_loop_and_lax_conv(impl, k, strides, padding):
     if impl == "dot" and k != 1 and (strides != (k, k) or padding != "VALID"):
@@ -164,6 +164,54 @@ def test_dense_forward_and_gradients_match_loop_and_lax_conv(impl, k, strides, p
     np.testing.assert_allclose(y, y_ref, atol=1e-4)
     np.testing.assert_allclose(dx, dx_ref, atol=1e-4)
     np.testing.assert_allclose(dk, dk_ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("strides,padding", [((1, 1), ((2, 0), (1, 3))), ((2, 1), ((1, 2), (0, 0))),
+                                             ((1, 2), ((0, 1), (2, 2)))])
+def test_kernel_gradient_by_rows_matches_loop_for_non_square_kernels(strides, padding):
+    """Rows must pair kernel row i with input row y*sh + i and column j with x*sw + j:
+    a 3x5 kernel with unequal strides and padding tells rows from columns."""
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(20), (2, 9, 11, 4)), np.float64)
+    kernel = np.asarray(jax.random.normal(jax.random.PRNGKey(21), (3, 5, 4, 6)), np.float64)
+    xf, kf = jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32)
+    y, vjp = jax.vjp(lambda x, k: conv2d(x, k, strides, padding, impl="rows_grad"), xf, kf)
+    g = np.asarray(jax.random.normal(jax.random.PRNGKey(22), y.shape), np.float64)
+    y_ref, dx_ref, dk_ref = dense_loop_reference(x, kernel, strides, padding, g)
+    dx, dk = vjp(jnp.asarray(g, jnp.float32))
+    np.testing.assert_allclose(y, y_ref, atol=1e-4)
+    np.testing.assert_allclose(dx, dx_ref, atol=1e-4)
+    np.testing.assert_allclose(dk, dk_ref, atol=1e-4)
+
+
+def test_kernel_gradient_by_rows_in_bfloat16_is_close_to_float32():
+    x = jax.random.normal(jax.random.PRNGKey(23), (4, 16, 16, 32))
+    kernel = jax.random.normal(jax.random.PRNGKey(24), (3, 3, 32, 8)) * 0.1
+    g = jax.random.normal(jax.random.PRNGKey(25), (4, 16, 16, 8))
+
+    def kernel_grad(impl, dtype):
+        _, vjp = jax.vjp(lambda k: conv2d(x.astype(dtype), k, 1, "SAME", impl=impl),
+                         kernel.astype(dtype))
+        return vjp(g.astype(dtype))[0]
+
+    ref = kernel_grad("native", jnp.float32)
+    rows = kernel_grad("rows_grad", jnp.bfloat16)
+    assert rows.dtype == jnp.bfloat16
+    # bfloat16 inputs and output (8-bit mantissas); the products themselves accumulate in
+    # float32 (XLA:CPU does so for bfloat16 dots even without preferred_element_type).
+    np.testing.assert_allclose(rows.astype(jnp.float32), ref, rtol=0.02,
+                               atol=0.02 * float(jnp.abs(ref).max()))
+
+
+@pytest.mark.parametrize("side,channels,kernel_convs", [(28, 16, 2), (14, 16, 3), (28, 3, 3)])
+def test_cpu_lowering_computes_large_kernel_gradients_by_rows(side, channels, kernel_convs):
+    """On CPU the kernel gradient of an ungrouped 3x3 convolution is matrix products (two
+    convolutions left: forward and input gradient) from a 28x28 output with 16 channels up;
+    smaller maps and the 3-channel stems keep XLA's kernel-gradient convolution (three)."""
+    x = jax.random.normal(jax.random.PRNGKey(26), (2, side, side, channels))
+    kernel = jax.random.normal(jax.random.PRNGKey(27), (3, 3, channels, 8))
+    grad = jax.grad(lambda x, k: jnp.sum(conv2d(x, k, 1, "SAME") ** 2), argnums=(0, 1))
+    hlo = jax.jit(grad).lower(x, kernel).compile().as_text()
+    assert hlo.count(" convolution(") == kernel_convs
 
 
 @pytest.mark.parametrize("k,padding", [(1, "SAME"), (2, "VALID")])
@@ -200,5 +248,7 @@ def test_dense_bad_shapes_and_options_are_named():
         conv2d(x, jnp.zeros((3, 3, 3, 4)))
     with pytest.raises(ValueError, match="impl='dot' needs an ungrouped 1x1 kernel or non-"):
         conv2d(x, jnp.zeros((3, 3, 4, 4)), impl="dot")
-    with pytest.raises(ValueError, match="impl must be 'auto', 'dot' or 'native'"):
+    with pytest.raises(ValueError, match="impl must be 'auto', 'dot', 'rows_grad' or 'native'"):
         conv2d(x, jnp.zeros((1, 1, 4, 4)), impl="fast")
+    with pytest.raises(ValueError, match="impl='rows_grad' needs an ungrouped convolution, got"):
+        conv2d(x, jnp.zeros((3, 3, 2, 4)), feature_group_count=2, impl="rows_grad")

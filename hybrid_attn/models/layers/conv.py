@@ -160,16 +160,72 @@ def _patches_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return y.reshape(b, oh, ow, -1)
 
 
+def _kernel_grad_rows(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
+                      strides: tuple[int, int],
+                      pads: tuple[tuple[int, int], ...]) -> jax.Array:
+    """The kernel gradient of an ungrouped convolution as ``kh`` plain matrix products.
+
+    ``dW[i, j, c, o] = sum_{b, y, x} xpad[b, y*sh + i, x*sw + j, c] * dy[b, y, x, o]``: the
+    ``kw`` column-shifted (strided) copies of the padded input stand side by side on the
+    channel axis, and kernel row ``i`` is ``dy^T [Cout, B*Ho*Wo] @ rows_i [B*Ho*Wo, kw*Cin]``
+    with ``rows_i`` that array's strided row slice. Products accumulate in float32.
+    """
+    kh, kw, cin, cout = kernel_shape
+    (sh, sw), (b, ho, wo, _) = strides, dy.shape
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    cols = jnp.concatenate(
+        [lax.slice_in_dim(xp, j, j + (wo - 1) * sw + 1, sw, axis=2) for j in range(kw)], axis=-1)
+    dy_t = dy.reshape(b * ho * wo, cout).T
+    rows = [lax.slice_in_dim(cols, i, i + (ho - 1) * sh + 1, sh, axis=1).reshape(-1, kw * cin)
+            for i in range(kh)]
+    grads = [lax.dot(dy_t, r, preferred_element_type=jnp.float32) for r in rows]
+    return jnp.stack(grads).reshape(kh, cout, kw, cin).transpose(0, 2, 3, 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _native_rows_grad(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                      pads: tuple[tuple[int, int], ...]) -> jax.Array:
+    """The native ungrouped convolution and its input gradient, with the kernel gradient
+    of :func:`_kernel_grad_rows`."""
+    return _dense_native(x, kernel, strides, pads, 1)
+
+
+def _native_rows_grad_fwd(x, kernel, strides, pads):
+    return _dense_native(x, kernel, strides, pads, 1), (x, kernel)
+
+
+def _native_rows_grad_bwd(strides, pads, residuals, dy):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda x: _dense_native(x, kernel, strides, pads, 1), x)
+    dk = _kernel_grad_rows(x, dy, kernel.shape, strides, pads)
+    return input_vjp(dy)[0], dk.astype(kernel.dtype)
+
+
+_native_rows_grad.defvjp(_native_rows_grad_fwd, _native_rows_grad_bwd)
+
+# On CPU, :func:`conv2d` computes the kernel gradient by rows for ungrouped convolutions
+# whose output has at least this many pixels per image and whose input at least this many
+# channels (module docstring: measured 2-2.4x faster from 28x28 up at batch 8, even at
+# 14x14, and no faster for the 3-channel stems).
+ROWS_GRAD_MIN_PIXELS = 28 * 28
+ROWS_GRAD_MIN_CHANNELS = 16
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = (1, 1),
            padding: Padding = "SAME", feature_group_count: int = 1,
            impl: str = "auto") -> jax.Array:
     """2-D convolution of NHWC ``x`` [B, H, W, Cin] with ``kernel`` [kh, kw, Cin / groups,
     Cout], equal to ``lax.conv_general_dilated``.
 
-    ``impl="auto"`` computes an ungrouped 1x1 convolution, or one over non-overlapping
-    patches (stride equal to the kernel, no padding), as a matrix product on CPU, and
-    every other convolution (and every convolution on GPU/TPU) natively; ``"dot"`` and
-    ``"native"`` force one form (``"dot"`` only for those two kinds).
+    ``impl="auto"`` picks per backend at lowering time. On CPU an ungrouped 1x1
+    convolution, or one over non-overlapping patches (stride equal to the kernel, no
+    padding), is a matrix product (``"dot"``), and any other ungrouped convolution whose
+    output has at least :data:`ROWS_GRAD_MIN_PIXELS` pixels per image (and whose input at
+    least :data:`ROWS_GRAD_MIN_CHANNELS` channels) is the native
+    convolution with its kernel gradient computed as matrix products (``"rows_grad"``,
+    :func:`_kernel_grad_rows`); every other convolution, and every convolution on GPU and
+    TPU, is native. ``"native"``, ``"dot"`` and ``"rows_grad"`` force one form (``"dot"``
+    only for those two kinds, ``"rows_grad"`` only ungrouped).
     """
     if (x.ndim != 4 or kernel.ndim != 4 or feature_group_count < 1
             or kernel.shape[2] * feature_group_count != x.shape[-1]
@@ -188,18 +244,29 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = (1, 1
         dot = _patches_dot
     else:
         dot = None
-    if impl == "native" or (impl == "auto" and dot is None):
+    rows_grad = functools.partial(_native_rows_grad, strides=strides, pads=pads) \
+        if ungrouped else None
+    if impl == "native":
         return _dense_native(x, kernel, strides, pads, feature_group_count)
-    if impl == "dot":
-        if dot is None:
-            raise ValueError("impl='dot' needs an ungrouped 1x1 kernel or non-overlapping "
-                             f"unpadded patches, got kernel {kernel.shape}, strides {strides}, "
-                             f"padding {pads} and {feature_group_count} groups")
-        return dot(x, kernel)
+    if impl in ("dot", "rows_grad"):
+        form = dot if impl == "dot" else rows_grad
+        if form is None:
+            raise ValueError(f"impl={impl!r} needs an ungrouped " + (
+                "1x1 kernel or non-overlapping unpadded patches" if impl == "dot" else
+                "convolution") + f", got kernel {kernel.shape}, strides {strides}, padding "
+                f"{pads} and {feature_group_count} groups")
+        return form(x, kernel)
     if impl != "auto":
-        raise ValueError(f"impl must be 'auto', 'dot' or 'native', got {impl!r}")
+        raise ValueError(f"impl must be 'auto', 'dot', 'rows_grad' or 'native', got {impl!r}")
+    out_pixels = 1
+    for n, k, s, (lo, hi) in zip(x.shape[1:3], kernel.shape[:2], strides, pads):
+        out_pixels *= (n + lo + hi - k) // s + 1
+    by_rows = out_pixels >= ROWS_GRAD_MIN_PIXELS and x.shape[-1] >= ROWS_GRAD_MIN_CHANNELS
+    cpu = dot or (rows_grad if by_rows else None)
+    if cpu is None:
+        return _dense_native(x, kernel, strides, pads, feature_group_count)
     return lax.platform_dependent(
-        x, kernel, cpu=dot, default=lambda x, k: _dense_native(x, k, strides, pads, 1))
+        x, kernel, cpu=cpu, default=lambda x, k: _dense_native(x, k, strides, pads, 1))
 
 
 class Conv(nn.Module):

@@ -54,7 +54,7 @@ class ConvStem(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        conv = lambda features, strides, name: nn.Conv(  # noqa: E731
+        conv = lambda features, strides, name: Conv(  # noqa: E731
             features, (3, 3), strides, padding=((1, 1), (1, 1)), use_bias=False,
             kernel_init=conv_init, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
         )
