@@ -50,6 +50,7 @@ from hybrid_attn.models.botnet import BoTAttention
 from hybrid_attn.models.layers.eca import EfficientChannelAttention
 from hybrid_attn.models.layers.halo_attention import HaloBottleneckAttention
 from hybrid_attn.models.layers.norm import batch_norm
+from hybrid_attn.models.layers.pooling import max_pool3
 from hybrid_attn.models.layers.regularization import drop_path_rates
 from hybrid_attn.models.layers.squeeze_excite import SqueezeExcite
 from hybrid_attn.models.resnet import BottleneckBlock, SpatialFactory, conv
@@ -114,7 +115,7 @@ class TieredStem(nn.Module):
         for i, (w, s) in enumerate(zip(widths, (2, 1, 1 if self.pool else 2)), 1):
             x = conv(w, 3, s, name=f"conv{i}", dtype=self.dtype, param_dtype=self.param_dtype)(x)
             x = self.activation(batch_norm(train, self.dtype, self.param_dtype, f"bn{i}")(x))
-        return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1))) if self.pool else x
+        return max_pool3(x) if self.pool else x
 
 
 class ByoaNet(nn.Module):

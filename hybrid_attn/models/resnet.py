@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from hybrid_attn.models.layers.conv import Conv
 from hybrid_attn.models.layers.non_local import NonLocalBlock
 from hybrid_attn.models.layers.norm import batch_norm
+from hybrid_attn.models.layers.pooling import max_pool3
 from hybrid_attn.models.layers.regularization import DropPath, drop_path_rates
 from hybrid_attn.models.layers.scan import remat_block, same_factory, same_rate, scanned_blocks
 from hybrid_attn.models.layers.squeeze_excite import SqueezeExcite
@@ -77,7 +78,7 @@ class ConvStem(nn.Module):
         x = conv(self.width, 7, 2, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
         x = batch_norm(train, self.dtype, self.param_dtype, "bn")(x)
         x = self.activation(x)
-        return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        return max_pool3(x)
 
 
 class BottleneckBlock(nn.Module):
