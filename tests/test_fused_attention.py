@@ -12,6 +12,7 @@ from conftest import softmax
 
 from hybrid_attn.models.layers.attention import Attention
 from hybrid_attn.models.layers.attention_kernels import (
+    broadcast_batch,
     dot_product_attention,
     fused_dot_product_attention,
 )
@@ -49,8 +50,9 @@ def test_fused_output_matches_brute_force(bias_shape, dv):
     np.testing.assert_allclose(out, brute_force(q, k, v, bias, 8**-0.5), rtol=1e-5, atol=1e-5)
 
 
-def test_fused_gradients_equal_the_explicit_kernel():
-    q, k, v, bias = qkvb((2, 3, 6, 5))
+@pytest.mark.parametrize("bias_shape", [(2, 3, 6, 5), (3, 6, 5)])  # per image / shared
+def test_fused_gradients_equal_the_explicit_kernel(bias_shape):
+    q, k, v, bias = qkvb(bias_shape)
     scale = 8**-0.5
     loss = lambda f: lambda *a: jnp.sum(f(*a) * jnp.arange(8.0))  # noqa: E731
     fused = jax.grad(loss(lambda q, k, v, b: fused_dot_product_attention(
@@ -59,6 +61,24 @@ def test_fused_gradients_equal_the_explicit_kernel():
         q * scale, k, v, bias=b)[0]), argnums=(0, 1, 2, 3))(q, k, v, bias)
     for a, b in zip(fused, plain, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5, 8])
+def test_broadcast_batch_gradient_is_the_batch_sum_without_a_reduction(batch):
+    bias = jax.random.normal(jax.random.PRNGKey(5), (1, 3, 4, 4))
+    ct = jax.random.randint(jax.random.PRNGKey(6), (batch, 3, 4, 4), -50, 50).astype(
+        jnp.float32)  # integers: every summation order gives the same float
+    out, vjp = jax.vjp(lambda b: broadcast_batch(b, batch), bias)
+    np.testing.assert_array_equal(out, np.broadcast_to(bias, (batch, 3, 4, 4)))
+    np.testing.assert_array_equal(vjp(ct)[0], np.asarray(ct).sum(0, keepdims=True))
+    def compiled_grad(broadcast):
+        grad = jax.grad(lambda b, ct: jnp.sum(broadcast(b) * ct))
+        return jax.jit(grad).lower(bias, ct).compile().as_text()
+
+    # XLA's ops, not names; on CPU the sum is adds of halves.
+    assert " reduce(" not in compiled_grad(lambda b: broadcast_batch(b, batch))
+    plain = compiled_grad(lambda b: jnp.broadcast_to(b, ct.shape))
+    assert batch == 1 or " reduce(" in plain  # the check above can fail
 
 
 def test_bfloat16_on_a_backend_without_cudnn_falls_back_to_xla():
