@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_attn.models.layers.attention import Attention, PositionFactory
+from hybrid_attn.models.layers.dense import Dense
 from hybrid_attn.models.layers.layer_scale import LayerScale
 from hybrid_attn.models.layers.mbconv import ConvStem, MBConv, StrideAt
 from hybrid_attn.models.layers.mlp import Mlp
@@ -128,7 +129,7 @@ class TransformerBlock(nn.Module):
         if self.strides == 2:
             x, y = self.pool(x), self.pool(y)
         if x.shape[-1] != self.features:
-            x = nn.Dense(self.features, use_bias=self.shortcut_bias, name="shortcut", **kw)(x)
+            x = Dense(self.features, use_bias=self.shortcut_bias, name="shortcut", **kw)(x)
         y = Attention(features=width, head_dim=self.head_dim, out_features=self.features,
                       position=self.position, name="attn", **kw)(y, train=train)
         x = x + DropPath(self.drop_path)(scale(y, "layer_scale1"), train=train)

@@ -44,6 +44,7 @@ from hybrid_attn.models.layers.attention_kernels import (
     fused_dot_product_attention,
 )
 from hybrid_attn.models.layers.conv import Conv
+from hybrid_attn.models.layers.dense import Dense
 from hybrid_attn.models.layers.pooling import avg_pool2
 from hybrid_attn.models.layers.position import Grid, LogitTerm, PositionTable
 
@@ -259,7 +260,7 @@ class Attention(nn.Module):
             raise ValueError(f"Attention expects an NHWC map, got shape {x.shape}")
         b, h, w, c = x.shape
         heads, d = split_heads(self.features or c, self.num_heads, self.head_dim)
-        dense = lambda n, name: nn.Dense(  # noqa: E731
+        dense = lambda n, name: Dense(  # noqa: E731
             n, use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
         dqk = self.qk_head_dim or d
@@ -297,7 +298,7 @@ class Attention(nn.Module):
         out = out[:, :h, :w]  # a strided pattern returns a smaller map
         out = out.reshape(*out.shape[:3], heads * d)
         if self.out_features is not None:
-            out = nn.Dense(
+            out = Dense(
                 self.out_features, dtype=self.dtype, param_dtype=self.param_dtype, name="proj"
             )(out)
         return out

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from hybrid_attn.models.layers.attention import split_heads
 from hybrid_attn.models.layers.attention_kernels import BlockLayout, blocked_attention
+from hybrid_attn.models.layers.dense import Dense
 from hybrid_attn.models.layers.norm import batch_norm
 
 Dtype = Any
@@ -89,7 +90,7 @@ class AttentionStem(nn.Module):
             )
         heads, d = split_heads(self.features, self.num_heads, None)
         b, h, w, c = x.shape
-        qk = nn.Dense(
+        qk = Dense(
             2 * self.features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
             name="qk",
         )(x).reshape(b, h, w, 2, heads, d)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_attn.models.layers.activation import gelu
+from hybrid_attn.models.layers.dense import Dense
 
 Dtype = Any
 
@@ -29,9 +30,9 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         out = self.out_features or x.shape[-1]
-        x = nn.Dense(self.hidden_features, dtype=self.dtype, param_dtype=self.param_dtype,
+        x = Dense(self.hidden_features, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="fc1")(x)
         x = gelu(x)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        x = nn.Dense(out, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
+        x = Dense(out, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
         return nn.Dropout(self.dropout, deterministic=not train)(x)
