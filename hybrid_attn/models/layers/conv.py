@@ -86,6 +86,53 @@ def _shifted(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
     return y.astype(x.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _shifted_stride1(x: jax.Array, kernel: jax.Array,
+                     pads: tuple[tuple[int, int], ...]) -> jax.Array:
+    """:func:`_shifted` at stride 1, with the kernel gradient taken from shifted slices of
+    the output gradient instead of the input.
+
+    ``dk[i, j] = sum x[a, b] * dy[a + top - i, b + left - j]`` (``dy`` zero outside): the
+    slices are of ``dy`` padded by ``k - 1 - pad``. Sliced from the input, XLA:CPU
+    materialised each of the ``kh * kw`` slices for its reductions, recomputing the
+    producer of ``x`` (a BatchNorm and GELU in MBConv) in every one; ``dy`` is a plain
+    array. One 3x3 layer on 8x56x56x384 after BatchNorm and GELU, forward and backward:
+    110.5 -> 76.9 ms, temporaries 331 -> 74 MiB.
+    """
+    return _shifted(x, kernel, (1, 1), pads)
+
+
+def _shifted_stride1_fwd(x, kernel, pads):
+    return _shifted(x, kernel, (1, 1), pads), (x, kernel)
+
+
+def _shifted_stride1_bwd(pads, residuals, dy):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda x: _shifted(x, kernel, (1, 1), pads), x)
+    (kh, kw), (b, h, w, c) = kernel.shape[:2], x.shape
+    (top, bottom), (left, right) = pads
+    acc = jnp.float32 if jnp.finfo(x.dtype).bits < 32 else x.dtype
+    dyp = lax.pad(dy.astype(acc), jnp.zeros((), acc),
+                  ((0, 0, 0), (kh - 1 - top, kh - 1 - bottom, 0),
+                   (kw - 1 - left, kw - 1 - right, 0), (0, 0, 0)))
+    taps = [jnp.sum(lax.slice(dyp, (0, kh - 1 - i, kw - 1 - j, 0),
+                              (b, kh - 1 - i + h, kw - 1 - j + w, c)) * x.astype(acc),
+                    axis=(0, 1, 2))
+            for i in range(kh) for j in range(kw)]
+    dk = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
+    return input_vjp(dy)[0], dk
+
+
+_shifted_stride1.defvjp(_shifted_stride1_fwd, _shifted_stride1_bwd)
+
+
+def _shifted_form(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                  pads: tuple[tuple[int, int], ...]) -> jax.Array:
+    if strides == (1, 1):
+        return _shifted_stride1(x, kernel, pads)
+    return _shifted(x, kernel, strides, pads)
+
+
 def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
                    padding: Padding = "SAME", impl: str = "auto") -> jax.Array:
     """Depthwise 2-D convolution of NHWC ``x`` [B, H, W, C] with ``kernel`` [kh, kw, 1, C].
@@ -99,14 +146,14 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1,
                          f"got x {x.shape} and kernel {kernel.shape}")
     strides = tuple(strides)
     pads = _pads(x.shape[1:3], kernel.shape[:2], strides, padding)
-    forms = {"native": _native, "shifted": _shifted}
+    forms = {"native": _native, "shifted": _shifted_form}
     if impl in forms:
         return forms[impl](x, kernel, strides, pads)
     if impl != "auto":
         raise ValueError(f"impl must be 'auto', 'shifted' or 'native', got {impl!r}")
     return lax.platform_dependent(
         x, kernel,
-        cpu=lambda x, k: _shifted(x, k, strides, pads),
+        cpu=lambda x, k: _shifted_form(x, k, strides, pads),
         default=lambda x, k: _native(x, k, strides, pads))
 
 
