@@ -9,8 +9,8 @@ import pytest
 
 from hybrid_attn.models.layers.conv import Conv, DepthwiseConv, conv2d, depthwise_conv
 
-# Stride 1 takes the kernel gradient from shifted output gradients (padded by k - 1 - pad):
-# VALID and unequal pads check that offset.
+# The kernel gradient pairs each tap's input phase with the output gradient shifted by the
+# tap's offset: strides, VALID and unequal pads each move that offset.
 CASES = [((1, 1), "SAME"), ((2, 2), "SAME"), ((2, 1), "VALID"), ((2, 2), ((1, 0), (2, 1))),
          ((1, 1), "VALID"), ((1, 1), ((2, 0), (0, 1)))]
 

@@ -4,7 +4,8 @@ XLA:CPU lowers a grouped convolution with ``feature_group_count = C`` to a slow 
 loop: on an 8x56x56x384 map a 3x3 depthwise convolution took 316 ms forward and 2.6 s for
 its kernel gradient, where the same operation written as ``kh * kw`` shifted multiply-adds
 (one fused elementwise loop, whose gradients are fused pads and reductions) took 32 ms and
-~0.2 s. :func:`depthwise_conv` picks that form on CPU and the native
+~0.2 s; its kernel gradient pairs each tap's input phase with the shifted output gradient
+(:func:`_shifted_vjp`). :func:`depthwise_conv` picks that form on CPU and the native
 ``lax.conv_general_dilated`` on every other backend (GPU, TPU), per backend at lowering
 time through ``jax.lax.platform_dependent``. :class:`DepthwiseConv` has the variables of
 ``nn.Conv(C, kernel_size, feature_group_count=C)`` (``kernel`` [kh, kw, 1, C], ``bias``
@@ -34,6 +35,7 @@ stems. Nine per-tap products took 31.5 ms and a full im2col 44-52 ms. So on CPU
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -86,51 +88,46 @@ def _shifted(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
     return y.astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _shifted_stride1(x: jax.Array, kernel: jax.Array,
-                     pads: tuple[tuple[int, int], ...]) -> jax.Array:
-    """:func:`_shifted` at stride 1, with the kernel gradient taken from shifted slices of
-    the output gradient instead of the input.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _shifted_vjp(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                 pads: tuple[tuple[int, int], ...]) -> jax.Array:
+    """:func:`_shifted`, with the kernel gradient taken from shifted slices of the output
+    gradient against the input's stride phases, instead of strided slices of the input.
 
-    ``dk[i, j] = sum x[a, b] * dy[a + top - i, b + left - j]`` (``dy`` zero outside): the
-    slices are of ``dy`` padded by ``k - 1 - pad``. Sliced from the input, XLA:CPU
-    materialised each of the ``kh * kw`` slices for its reductions, recomputing the
-    producer of ``x`` (a BatchNorm and GELU in MBConv) in every one; ``dy`` is a plain
-    array. One 3x3 layer on 8x56x56x384 after BatchNorm and GELU, forward and backward:
-    110.5 -> 76.9 ms, temporaries 331 -> 74 MiB.
+    Tap ``(i, j)`` reads input rows ``s*y + i - top``: phase ``(i - top) % s`` of the input
+    (rows ``p::s``) at offset ``(i - top) // s``, so ``dk[i, j]`` is that phase times ``dy``
+    shifted by the offset (zero outside). Sliced from the input, XLA:CPU materialised each
+    of the ``kh * kw`` slices for its reductions, recomputing the producer of ``x`` (MBConv's
+    BatchNorm and GELU) in every one. One 3x3 layer after BatchNorm and GELU, forward and
+    backward, batch 8: 8x56x56x384 110.5 -> 76.9 ms (temporaries 331 -> 74 MiB),
+    8x112x112x384 at stride 2 192 -> 152 ms (478 -> 294 MiB).
     """
-    return _shifted(x, kernel, (1, 1), pads)
+    return _shifted(x, kernel, strides, pads)
 
 
-def _shifted_stride1_fwd(x, kernel, pads):
-    return _shifted(x, kernel, (1, 1), pads), (x, kernel)
+def _shifted_vjp_fwd(x, kernel, strides, pads):
+    return _shifted(x, kernel, strides, pads), (x, kernel)
 
 
-def _shifted_stride1_bwd(pads, residuals, dy):
+def _shifted_vjp_bwd(strides, pads, residuals, dy):
     x, kernel = residuals
-    _, input_vjp = jax.vjp(lambda x: _shifted(x, kernel, (1, 1), pads), x)
-    (kh, kw), (b, h, w, c) = kernel.shape[:2], x.shape
-    (top, bottom), (left, right) = pads
+    _, input_vjp = jax.vjp(lambda x: _shifted(x, kernel, strides, pads), x)
     acc = jnp.float32 if jnp.finfo(x.dtype).bits < 32 else x.dtype
-    dyp = lax.pad(dy.astype(acc), jnp.zeros((), acc),
-                  ((0, 0, 0), (kh - 1 - top, kh - 1 - bottom, 0),
-                   (kw - 1 - left, kw - 1 - right, 0), (0, 0, 0)))
-    taps = [jnp.sum(lax.slice(dyp, (0, kh - 1 - i, kw - 1 - j, 0),
-                              (b, kh - 1 - i + h, kw - 1 - j + w, c)) * x.astype(acc),
-                    axis=(0, 1, 2))
-            for i in range(kh) for j in range(kw)]
+    (kh, kw), (sh, sw), (ho, wo) = kernel.shape[:2], strides, dy.shape[1:3]
+    (top, _), (left, _) = pads
+    taps = []
+    for i, j in itertools.product(range(kh), range(kw)):
+        (p, r), (q, t) = divmod(i - top, sh)[::-1], divmod(j - left, sw)[::-1]
+        phase = x[:, p::sh, q::sw].astype(acc)
+        hp, wp = phase.shape[1:3]
+        shifted = lax.pad(dy.astype(acc), jnp.zeros((), acc),
+                          ((0, 0, 0), (r, hp - ho - r, 0), (t, wp - wo - t, 0), (0, 0, 0)))
+        taps.append(jnp.sum(phase * shifted, axis=(0, 1, 2)))
     dk = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
     return input_vjp(dy)[0], dk
 
 
-_shifted_stride1.defvjp(_shifted_stride1_fwd, _shifted_stride1_bwd)
-
-
-def _shifted_form(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
-                  pads: tuple[tuple[int, int], ...]) -> jax.Array:
-    if strides == (1, 1):
-        return _shifted_stride1(x, kernel, pads)
-    return _shifted(x, kernel, strides, pads)
+_shifted_vjp.defvjp(_shifted_vjp_fwd, _shifted_vjp_bwd)
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
@@ -146,14 +143,14 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1,
                          f"got x {x.shape} and kernel {kernel.shape}")
     strides = tuple(strides)
     pads = _pads(x.shape[1:3], kernel.shape[:2], strides, padding)
-    forms = {"native": _native, "shifted": _shifted_form}
+    forms = {"native": _native, "shifted": _shifted_vjp}
     if impl in forms:
         return forms[impl](x, kernel, strides, pads)
     if impl != "auto":
         raise ValueError(f"impl must be 'auto', 'shifted' or 'native', got {impl!r}")
     return lax.platform_dependent(
         x, kernel,
-        cpu=lambda x, k: _shifted_form(x, k, strides, pads),
+        cpu=lambda x, k: _shifted_vjp(x, k, strides, pads),
         default=lambda x, k: _native(x, k, strides, pads))
 
 
