@@ -31,7 +31,7 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         out = self.out_features or x.shape[-1]
         x = Dense(self.hidden_features, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="fc1")(x)
+                  name="fc1")(x)
         x = gelu(x)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = Dense(out, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
