@@ -1,5 +1,6 @@
-"""Dense on flattened leading axes: nn.Dense's variables and outputs, and a weight gradient
-that XLA:CPU computes without transposing 4-D copies."""
+"""Dense on flattened leading axes: nn.Dense's variables and outputs, a weight gradient
+that XLA:CPU computes without transposing 4-D copies, and matmul's CPU weight gradient
+(narrower operand on the left) against XLA's own."""
 
 import re
 
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hybrid_attn.models.layers.dense import Dense
+from hybrid_attn.models.layers.dense import Dense, matmul
 
 
 @pytest.mark.parametrize("shape", [(5, 7), (2, 5, 7), (2, 3, 4, 7)])
@@ -49,3 +50,41 @@ def test_weight_gradient_of_a_map_has_no_4d_transpose():
 
     assert transposes_4d(nn.Dense(32)) > 0  # the check below can fail
     assert transposes_4d(Dense(32)) == 0
+
+
+@pytest.mark.parametrize("k, n", [(24, 6), (6, 24), (8, 8)])  # narrows, widens, square
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_matmul_gradients_equal_xla_gradients(k, n, dtype):
+    keys = jax.random.split(jax.random.PRNGKey(6), 3)
+    x = jax.random.normal(keys[0], (40, k), dtype)
+    w = jax.random.normal(keys[1], (k, n), dtype)
+    dy = jax.random.normal(keys[2], (40, n), dtype)
+    outs = {}
+    for impl in ("narrow_left", "native", "auto"):
+        y, vjp = jax.vjp(lambda x, w, impl=impl: matmul(x, w, impl=impl), x, w)
+        outs[impl] = (y, *vjp(dy))
+    # float64 numpy: the products themselves, not another run of the code under test.
+    x64, w64, dy64 = (np.asarray(t, np.float64) for t in (x, w, dy))
+    expected = (x64 @ w64, dy64 @ w64.T, x64.T @ dy64)
+    tol = 1e-5 if dtype == jnp.float32 else 0.1
+    for impl, got in outs.items():
+        for a, b in zip(got, expected, strict=True):
+            assert a.dtype == dtype, impl
+            np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=tol, atol=tol * k)
+
+
+def test_matmul_transposes_the_weight_gradient_only_where_the_layer_narrows():
+    def barriers(k, n):
+        x, w = jnp.ones((16, k)), jnp.ones((k, n))
+        jaxpr = jax.make_jaxpr(jax.grad(lambda w: jnp.sum(matmul(x, w, impl="narrow_left"))))(w)
+        return str(jaxpr).count("optimization_barrier")
+
+    assert barriers(32, 8) == 1  # in > out: (dy^T x)^T, held apart from XLA's simplifier
+    assert barriers(8, 32) == 0
+
+
+def test_matmul_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"x \[M, K\] and w \[K, N\]"):
+        matmul(jnp.ones((4, 3)), jnp.ones((4, 2)))
+    with pytest.raises(ValueError, match="impl must be"):
+        matmul(jnp.ones((4, 3)), jnp.ones((3, 2)), impl="fast")

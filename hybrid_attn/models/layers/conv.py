@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from hybrid_attn.models.layers.dense import matmul
+
 Padding = str | int | Sequence[tuple[int, int]]
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -194,8 +196,7 @@ def _pointwise_dot(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
     if strides != (1, 1):
         x = lax.slice(x, (0, 0, 0, 0), (b, h, w, c), (1, *strides, 1))
     b, h, w, c = x.shape
-    y = lax.dot_general(x.reshape(b * h * w, c), kernel.reshape(c, -1),
-                        (((1,), (0,)), ((), ())))
+    y = matmul(x.reshape(b * h * w, c), kernel.reshape(c, -1), impl="narrow_left")
     return y.reshape(b, h, w, -1)
 
 
@@ -206,8 +207,8 @@ def _patches_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
     (p, q), (b, h, w, c) = kernel.shape[:2], x.shape
     oh, ow = h // p, w // q
     x = x[:, :oh * p, :ow * q].reshape(b, oh, p, ow, q, c).transpose(0, 1, 3, 2, 4, 5)
-    y = lax.dot_general(x.reshape(b * oh * ow, p * q * c), kernel.reshape(p * q * c, -1),
-                        (((1,), (0,)), ((), ())))
+    y = matmul(x.reshape(b * oh * ow, p * q * c), kernel.reshape(p * q * c, -1),
+               impl="narrow_left")
     return y.reshape(b, oh, ow, -1)
 
 
