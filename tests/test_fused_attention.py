@@ -63,6 +63,43 @@ def test_fused_gradients_equal_the_explicit_kernel(bias_shape):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias_shape", [(2, 3, 6, 5), (3, 6, 5), (1, 1, 6, 5), (2, 1, 1, 5), None])
+@pytest.mark.parametrize("impl", ["softmax_attention", "xla"])
+def test_cpu_forms_match_brute_force_and_the_explicit_kernels_gradients(bias_shape, impl):
+    """Both non-cuDNN forms (the written-out backward pass is the CPU default) against the
+    float64 loop and against autodiff of the explicit kernel, bias gradient included for
+    every broadcast shape."""
+    q, k, v, bias = qkvb(bias_shape or (3, 6, 5))
+    bias = None if bias_shape is None else bias
+    scale = 8**-0.5
+    out = fused_dot_product_attention(q, k, v, bias=bias, scale=scale, impl=impl)
+    np.testing.assert_allclose(out, brute_force(q, k, v, 0.0 if bias is None else bias, scale),
+                               rtol=1e-5, atol=1e-5)
+    argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+    loss = lambda f: lambda q, k, v, b=None: jnp.sum(f(q, k, v, b) * jnp.arange(8.0))  # noqa: E731
+    fused = jax.grad(loss(lambda q, k, v, b: fused_dot_product_attention(
+        q, k, v, bias=b, scale=scale, impl=impl)), argnums=argnums)(q, k, v, bias)
+    plain = jax.grad(loss(lambda q, k, v, b: dot_product_attention(
+        q * scale, k, v, bias=b)[0]), argnums=argnums)(q, k, v, bias)
+    for a, b in zip(fused, plain, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_softmax_attention_in_bfloat16_keeps_float32_logits():
+    q, k, v, bias = qkvb((3, 6, 5), jnp.bfloat16)
+    out = fused_dot_product_attention(q, k, v, bias=bias, scale=8**-0.5,
+                                      impl="softmax_attention")
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32),
+                               brute_force(q, k, v, bias, 8**-0.5), atol=4e-2)
+    grads = jax.grad(lambda q, k, v: jnp.sum(fused_dot_product_attention(
+        q, k, v, bias=bias, scale=8**-0.5, impl="softmax_attention").astype(jnp.float32)),
+        argnums=(0, 1, 2))(q, k, v)
+    assert all(g.dtype == jnp.bfloat16 and bool(jnp.isfinite(g.astype(jnp.float32)).all())
+               for g in grads)
+
+
 @pytest.mark.parametrize("batch", [1, 2, 5, 8])
 def test_broadcast_batch_gradient_is_the_batch_sum_without_a_reduction(batch):
     bias = jax.random.normal(jax.random.PRNGKey(5), (1, 3, 4, 4))
