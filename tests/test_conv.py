@@ -149,7 +149,7 @@ DENSE_CASES = [(1, (1, 1), "SAME"), (1, (2, 2), "SAME"), (1, (2, 1), ((1, 0), (0
                (2, (2, 2), "VALID"), (3, (3, 3), "VALID"), (2, (2, 2), ((1, 0), (0, 1)))]
 
 
-@pytest.mark.parametrize("impl", ["dot", "native", "rows_grad", "auto"])
+@pytest.mark.parametrize("impl", ["dot", "native", "rows_grad", "im2col", "auto"])
 @pytest.mark.parametrize("k,strides,padding", DENSE_CASES)
 def test_dense_forward_and_gradients_match_loop_and_lax_conv(impl, k, strides, padding):
     if impl == "dot" and k != 1 and (strides != (k, k) or padding != "VALID"):
@@ -171,13 +171,15 @@ def test_dense_forward_and_gradients_match_loop_and_lax_conv(impl, k, strides, p
 
 @pytest.mark.parametrize("strides,padding", [((1, 1), ((2, 0), (1, 3))), ((2, 1), ((1, 2), (0, 0))),
                                              ((1, 2), ((0, 1), (2, 2)))])
-def test_kernel_gradient_by_rows_matches_loop_for_non_square_kernels(strides, padding):
-    """Rows must pair kernel row i with input row y*sh + i and column j with x*sw + j:
-    a 3x5 kernel with unequal strides and padding tells rows from columns."""
+@pytest.mark.parametrize("impl", ["rows_grad", "im2col"])
+def test_kernel_gradient_by_rows_matches_loop_for_non_square_kernels(strides, padding, impl):
+    """Rows must pair kernel row i with input row y*sh + i and column j with x*sw + j (and
+    im2col's stacking must follow the kernel's HWIO order): a 3x5 kernel with unequal
+    strides and padding tells rows from columns."""
     x = np.asarray(jax.random.normal(jax.random.PRNGKey(20), (2, 9, 11, 4)), np.float64)
     kernel = np.asarray(jax.random.normal(jax.random.PRNGKey(21), (3, 5, 4, 6)), np.float64)
     xf, kf = jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32)
-    y, vjp = jax.vjp(lambda x, k: conv2d(x, k, strides, padding, impl="rows_grad"), xf, kf)
+    y, vjp = jax.vjp(lambda x, k: conv2d(x, k, strides, padding, impl=impl), xf, kf)
     g = np.asarray(jax.random.normal(jax.random.PRNGKey(22), y.shape), np.float64)
     y_ref, dx_ref, dk_ref = dense_loop_reference(x, kernel, strides, padding, g)
     dx, dk = vjp(jnp.asarray(g, jnp.float32))
@@ -217,6 +219,18 @@ def test_cpu_lowering_computes_large_kernel_gradients_by_rows(side, channels, ke
     assert hlo.count(" convolution(") == kernel_convs
 
 
+@pytest.mark.parametrize("side,channels,strides,convs", [
+    (14, 128, 1, 0), (28, 128, 2, 0),  # small (or strided onto 28x28), wide: im2col
+    (14, 64, 1, 3), (28, 128, 1, 2)])  # too few channels: native; 28x28: rows_grad
+def test_cpu_lowering_of_small_wide_convolutions_is_one_product(side, channels, strides,
+                                                                 convs):
+    x = jax.random.normal(jax.random.PRNGKey(28), (1, side * strides, side * strides, channels))
+    kernel = jax.random.normal(jax.random.PRNGKey(29), (3, 3, channels, 8))
+    grad = jax.grad(lambda x, k: jnp.sum(conv2d(x, k, strides, "SAME") ** 2), argnums=(0, 1))
+    hlo = jax.jit(grad).lower(x, kernel).compile().as_text()
+    assert hlo.count(" convolution(") == convs
+
+
 @pytest.mark.parametrize("k,padding", [(1, "SAME"), (2, "VALID")])
 def test_dense_cpu_lowering_of_1x1_and_patches_is_a_dot(k, padding):
     x = jax.random.normal(jax.random.PRNGKey(13), (2, 8, 9, 16))
@@ -251,7 +265,9 @@ def test_dense_bad_shapes_and_options_are_named():
         conv2d(x, jnp.zeros((3, 3, 3, 4)))
     with pytest.raises(ValueError, match="impl='dot' needs an ungrouped 1x1 kernel or non-"):
         conv2d(x, jnp.zeros((3, 3, 4, 4)), impl="dot")
-    with pytest.raises(ValueError, match="impl must be 'auto', 'dot', 'rows_grad' or 'native'"):
+    with pytest.raises(ValueError, match="impl must be 'auto', 'dot', 'rows_grad', 'im2col' or 'native'"):
         conv2d(x, jnp.zeros((1, 1, 4, 4)), impl="fast")
     with pytest.raises(ValueError, match="impl='rows_grad' needs an ungrouped convolution, got"):
         conv2d(x, jnp.zeros((3, 3, 2, 4)), feature_group_count=2, impl="rows_grad")
+    with pytest.raises(ValueError, match="impl='im2col' needs an ungrouped convolution, got"):
+        conv2d(x, jnp.zeros((3, 3, 2, 4)), feature_group_count=2, impl="im2col")

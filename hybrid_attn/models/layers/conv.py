@@ -212,6 +212,24 @@ def _patches_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return y.reshape(b, oh, ow, -1)
 
 
+def _im2col_dot(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                pads: tuple[tuple[int, int], ...]) -> jax.Array:
+    """An ungrouped convolution as one matrix product over its ``kh * kw`` strided input
+    slices stacked on the channel axis (im2col; the kernel's HWIO order is that stacking
+    order). Its gradients are a product and pads (input) and :func:`~hybrid_attn.models.
+    layers.dense.matmul`'s weight gradient."""
+    (kh, kw, cin, cout), b = kernel.shape, x.shape[0]
+    (sh, sw) = strides
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    ho, wo = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+    cols = jnp.concatenate(
+        [lax.slice(xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin),
+                   (1, sh, sw, 1)) for i in range(kh) for j in range(kw)], axis=-1)
+    y = matmul(cols.reshape(b * ho * wo, kh * kw * cin), kernel.reshape(kh * kw * cin, cout),
+               impl="narrow_left")
+    return y.reshape(b, ho, wo, cout)
+
+
 def _kernel_grad_rows(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
                       strides: tuple[int, int],
                       pads: tuple[tuple[int, int], ...]) -> jax.Array:
@@ -261,6 +279,13 @@ _native_rows_grad.defvjp(_native_rows_grad_fwd, _native_rows_grad_bwd)
 # 14x14, and no faster for the 3-channel stems).
 ROWS_GRAD_MIN_PIXELS = 28 * 28
 ROWS_GRAD_MIN_CHANNELS = 16
+# Below that size (or at it, when strided), from this many input channels, the whole
+# convolution is one im2col matrix product (:func:`_im2col_dot`). ResNet-50's 3x3 layers,
+# batch 8, forward + both gradients, 1 / 2 threads (module docstring's machine): 14x14x256
+# 29.4 -> 25.7 / 15.0 -> 14.0 ms, 7x7x512 32.1 -> 25.3 / 17.4 -> 13.0 ms, stride 2 onto
+# 14x14x256 34.8 -> 26.2 / 17.8 -> 13.2 ms and onto 28x28x128 37.2 -> 30.9 / 21.5 -> 21.0
+# ms; at 28x28x128, stride 1, no gain (29.5 / 29.0 ms), so that size keeps rows_grad.
+IM2COL_MIN_CHANNELS = 128
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = (1, 1),
@@ -298,10 +323,11 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = (1, 1
         dot = None
     rows_grad = functools.partial(_native_rows_grad, strides=strides, pads=pads) \
         if ungrouped else None
+    im2col = functools.partial(_im2col_dot, strides=strides, pads=pads) if ungrouped else None
     if impl == "native":
         return _dense_native(x, kernel, strides, pads, feature_group_count)
-    if impl in ("dot", "rows_grad"):
-        form = dot if impl == "dot" else rows_grad
+    if impl in ("dot", "rows_grad", "im2col"):
+        form = {"dot": dot, "rows_grad": rows_grad, "im2col": im2col}[impl]
         if form is None:
             raise ValueError(f"impl={impl!r} needs an ungrouped " + (
                 "1x1 kernel or non-overlapping unpadded patches" if impl == "dot" else
@@ -309,12 +335,16 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = (1, 1
                 f"{pads} and {feature_group_count} groups")
         return form(x, kernel)
     if impl != "auto":
-        raise ValueError(f"impl must be 'auto', 'dot', 'rows_grad' or 'native', got {impl!r}")
+        raise ValueError("impl must be 'auto', 'dot', 'rows_grad', 'im2col' or 'native', "
+                         f"got {impl!r}")
     out_pixels = 1
     for n, k, s, (lo, hi) in zip(x.shape[1:3], kernel.shape[:2], strides, pads):
         out_pixels *= (n + lo + hi - k) // s + 1
+    strided = strides != (1, 1)
+    small = out_pixels < ROWS_GRAD_MIN_PIXELS or (strided and out_pixels == ROWS_GRAD_MIN_PIXELS)
+    by_im2col = small and x.shape[-1] >= IM2COL_MIN_CHANNELS
     by_rows = out_pixels >= ROWS_GRAD_MIN_PIXELS and x.shape[-1] >= ROWS_GRAD_MIN_CHANNELS
-    cpu = dot or (rows_grad if by_rows else None)
+    cpu = dot or (im2col if by_im2col else rows_grad if by_rows else None)
     if cpu is None:
         return _dense_native(x, kernel, strides, pads, feature_group_count)
     return lax.platform_dependent(
