@@ -171,13 +171,15 @@ def test_dense_forward_and_gradients_match_loop_and_lax_conv(impl, k, strides, p
 
 @pytest.mark.parametrize("strides,padding", [((1, 1), ((2, 0), (1, 3))), ((2, 1), ((1, 2), (0, 0))),
                                              ((1, 2), ((0, 1), (2, 2)))])
-@pytest.mark.parametrize("impl", ["rows_grad", "im2col"])
-def test_kernel_gradient_by_rows_matches_loop_for_non_square_kernels(strides, padding, impl):
+@pytest.mark.parametrize("impl,cin", [("rows_grad", 4), ("rows_grad", 1), ("im2col", 4)])
+def test_kernel_gradient_by_rows_matches_loop_for_non_square_kernels(strides, padding, impl,
+                                                                     cin):
     """Rows must pair kernel row i with input row y*sh + i and column j with x*sw + j (and
     im2col's stacking must follow the kernel's HWIO order): a 3x5 kernel with unequal
     strides and padding tells rows from columns."""
-    x = np.asarray(jax.random.normal(jax.random.PRNGKey(20), (2, 9, 11, 4)), np.float64)
-    kernel = np.asarray(jax.random.normal(jax.random.PRNGKey(21), (3, 5, 4, 6)), np.float64)
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(20), (2, 9, 11, cin)), np.float64)
+    # cin 1: 5 x 1 < 6 outputs, the stems' orientation (rows on the left)
+    kernel = np.asarray(jax.random.normal(jax.random.PRNGKey(21), (3, 5, cin, 6)), np.float64)
     xf, kf = jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32)
     y, vjp = jax.vjp(lambda x, k: conv2d(x, k, strides, padding, impl=impl), xf, kf)
     g = np.asarray(jax.random.normal(jax.random.PRNGKey(22), y.shape), np.float64)
@@ -207,13 +209,16 @@ def test_kernel_gradient_by_rows_in_bfloat16_is_close_to_float32():
                                atol=0.02 * float(jnp.abs(ref).max()))
 
 
-@pytest.mark.parametrize("side,channels,kernel_convs", [(28, 16, 2), (14, 16, 3), (28, 3, 3)])
-def test_cpu_lowering_computes_large_kernel_gradients_by_rows(side, channels, kernel_convs):
+@pytest.mark.parametrize("side,channels,out,kernel_convs", [
+    (28, 16, 8, 2), (14, 16, 8, 3), (28, 3, 8, 3), (28, 3, 16, 2)])
+def test_cpu_lowering_computes_large_kernel_gradients_by_rows(side, channels, out,
+                                                              kernel_convs):
     """On CPU the kernel gradient of an ungrouped 3x3 convolution is matrix products (two
-    convolutions left: forward and input gradient) from a 28x28 output with 16 channels up;
-    smaller maps and the 3-channel stems keep XLA's kernel-gradient convolution (three)."""
+    convolutions left: forward and input gradient) from a 28x28 output with 16 channels up,
+    or with fewer channels where 3 x Cin < Cout (a stem); smaller maps and other narrow
+    inputs keep XLA's kernel-gradient convolution (three)."""
     x = jax.random.normal(jax.random.PRNGKey(26), (2, side, side, channels))
-    kernel = jax.random.normal(jax.random.PRNGKey(27), (3, 3, channels, 8))
+    kernel = jax.random.normal(jax.random.PRNGKey(27), (3, 3, channels, out))
     grad = jax.grad(lambda x, k: jnp.sum(conv2d(x, k, 1, "SAME") ** 2), argnums=(0, 1))
     hlo = jax.jit(grad).lower(x, kernel).compile().as_text()
     assert hlo.count(" convolution(") == kernel_convs
@@ -265,7 +270,7 @@ def test_dense_bad_shapes_and_options_are_named():
         conv2d(x, jnp.zeros((3, 3, 3, 4)))
     with pytest.raises(ValueError, match="impl='dot' needs an ungrouped 1x1 kernel or non-"):
         conv2d(x, jnp.zeros((3, 3, 4, 4)), impl="dot")
-    with pytest.raises(ValueError, match="impl must be 'auto', 'dot', 'rows_grad', 'im2col' or 'native'"):
+    with pytest.raises(ValueError, match="impl must be 'auto', 'dot', 'rows_grad', 'im2col'"):
         conv2d(x, jnp.zeros((1, 1, 4, 4)), impl="fast")
     with pytest.raises(ValueError, match="impl='rows_grad' needs an ungrouped convolution, got"):
         conv2d(x, jnp.zeros((3, 3, 2, 4)), feature_group_count=2, impl="rows_grad")

@@ -25,9 +25,12 @@ window) is slow: on a 2-core Xeon (AVX-512), batch 8, float32, jax 0.10.2, it to
 for a 3x3 convolution on 56x56x64 where the forward took 12 ms. :func:`_kernel_grad_rows`
 computes it as ``kh`` plain matrix products instead, ``dy^T`` against the rows of ``kw``
 column-shifted copies of the input: 19.8 ms there, 90.7 against 192.4 ms at 112x112x64,
-9.6 against 23.4 ms at 28x28x128, no gain at 14x14 (7.6 / 7.7 ms) or for the 3-channel
-stems. Nine per-tap products took 31.5 ms and a full im2col 44-52 ms. So on CPU
-:func:`conv2d` takes that path from a 28x28 output and 16 input channels up.
+9.6 against 23.4 ms at 28x28x128, no gain at 14x14 (7.6 / 7.7 ms). Nine per-tap products
+took 31.5 ms and a full im2col 44-52 ms. So on CPU :func:`conv2d` takes that path from a
+28x28 output and 16 input channels up, and for the 3-channel stems, whose products put the
+rows on the left (the faster orientation, see :mod:`~hybrid_attn.models.layers.dense`).
+Below 28x28, from 128 input channels, the whole convolution is one im2col product
+(:func:`_im2col_dot`).
 :class:`Conv` has the variables of ``nn.Conv`` (``kernel`` [kh, kw, Cin / groups, Cout],
 ``bias`` [Cout]).
 """
@@ -245,10 +248,16 @@ def _kernel_grad_rows(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
     xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
     cols = jnp.concatenate(
         [lax.slice_in_dim(xp, j, j + (wo - 1) * sw + 1, sw, axis=2) for j in range(kw)], axis=-1)
-    dy_t = dy.reshape(b * ho * wo, cout).T
+    dy2 = dy.reshape(b * ho * wo, cout)
     rows = [lax.slice_in_dim(cols, i, i + (ho - 1) * sh + 1, sh, axis=1).reshape(-1, kw * cin)
             for i in range(kh)]
-    grads = [lax.dot(dy_t, r, preferred_element_type=jnp.float32) for r in rows]
+    contract = (((0,), (0,)), ((), ()))
+    if kw * cin < cout:  # the narrower operand on the left (layers/dense.py): a stem
+        grads = [lax.dot_general(r, dy2, contract, preferred_element_type=jnp.float32)
+                 for r in rows]
+        return jnp.stack(grads).reshape(kh, kw, cin, cout)
+    grads = [lax.dot_general(dy2, r, contract, preferred_element_type=jnp.float32)
+             for r in rows]
     return jnp.stack(grads).reshape(kh, cout, kw, cin).transpose(0, 2, 3, 1)
 
 
@@ -276,7 +285,10 @@ _native_rows_grad.defvjp(_native_rows_grad_fwd, _native_rows_grad_bwd)
 # On CPU, :func:`conv2d` computes the kernel gradient by rows for ungrouped convolutions
 # whose output has at least this many pixels per image and whose input at least this many
 # channels (module docstring: measured 2-2.4x faster from 28x28 up at batch 8, even at
-# 14x14, and no faster for the 3-channel stems).
+# 14x14), or whose input is narrower than its output even ``kw`` times over (the stems,
+# whose products then take the rows on the left: ResNet's 7x7/2 3 -> 64 at 224, forward and
+# kernel gradient, 44.9 -> 42.7 ms at 1 thread, 44.9 -> 31.1 ms at 2; a 3x3/2 3 -> 64 stem
+# 11.0 -> 8.0 ms).
 ROWS_GRAD_MIN_PIXELS = 28 * 28
 ROWS_GRAD_MIN_CHANNELS = 16
 # Below that size (or at it, when strided), from this many input channels, the whole
@@ -343,7 +355,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = (1, 1
     strided = strides != (1, 1)
     small = out_pixels < ROWS_GRAD_MIN_PIXELS or (strided and out_pixels == ROWS_GRAD_MIN_PIXELS)
     by_im2col = small and x.shape[-1] >= IM2COL_MIN_CHANNELS
-    by_rows = out_pixels >= ROWS_GRAD_MIN_PIXELS and x.shape[-1] >= ROWS_GRAD_MIN_CHANNELS
+    stem = kernel.shape[1] * x.shape[-1] < kernel.shape[-1]  # e.g. 7x7, 3 -> 64
+    by_rows = out_pixels >= ROWS_GRAD_MIN_PIXELS and (
+        x.shape[-1] >= ROWS_GRAD_MIN_CHANNELS or stem)
     cpu = dot or (im2col if by_im2col else rows_grad if by_rows else None)
     if cpu is None:
         return _dense_native(x, kernel, strides, pads, feature_group_count)
