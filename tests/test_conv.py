@@ -144,6 +144,23 @@ def dense_loop_reference(x, kernel, strides, padding, g):
     return y, dxp[:, pt:pt + h, pl:pl + w], dk
 
 
+def check_dense_against_loop(x, kernel, strides, padding, impl, seed):
+    """conv2d's output, undifferentiated (inference: some forms have their own forward
+    there) and under ``jax.vjp``, and both gradients against the loop; returns the loop's
+    output."""
+    xf, kf = jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32)
+    conv = lambda x, k: conv2d(x, k, strides, padding, impl=impl)  # noqa: E731
+    y, vjp = jax.vjp(conv, xf, kf)
+    g = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), y.shape), np.float64)
+    y_ref, dx_ref, dk_ref = dense_loop_reference(x, kernel, strides, padding, g)
+    dx, dk = vjp(jnp.asarray(g, jnp.float32))
+    np.testing.assert_allclose(conv(xf, kf), y_ref, atol=1e-4)
+    np.testing.assert_allclose(y, y_ref, atol=1e-4)
+    np.testing.assert_allclose(dx, dx_ref, atol=1e-4)
+    np.testing.assert_allclose(dk, dk_ref, atol=1e-4)
+    return y_ref
+
+
 DENSE_CASES = [(1, (1, 1), "SAME"), (1, (2, 2), "SAME"), (1, (2, 1), ((1, 0), (0, 2))),
                (1, (2, 2), "VALID"), (3, (1, 1), "SAME"), (3, (2, 2), ((1, 1), (1, 1))),
                (2, (2, 2), "VALID"), (3, (3, 3), "VALID"), (2, (2, 2), ((1, 0), (0, 1)))]
@@ -156,17 +173,11 @@ def test_dense_forward_and_gradients_match_loop_and_lax_conv(impl, k, strides, p
         pytest.skip("the dot form is for 1x1 kernels and non-overlapping unpadded patches")
     x = np.asarray(jax.random.normal(jax.random.PRNGKey(10), (2, 9, 7, 5)), np.float64)
     kernel = np.asarray(jax.random.normal(jax.random.PRNGKey(11), (k, k, 5, 6)), np.float64)
-    xf, kf = jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32)
-    lax_conv = jax.lax.conv_general_dilated(xf, kf, strides, padding,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    g = np.asarray(jax.random.normal(jax.random.PRNGKey(12), lax_conv.shape), np.float64)
-    y_ref, dx_ref, dk_ref = dense_loop_reference(x, kernel, strides, padding, g)
-    y, vjp = jax.vjp(lambda x, k: conv2d(x, k, strides, padding, impl=impl), xf, kf)
-    dx, dk = vjp(jnp.asarray(g, jnp.float32))
+    y_ref = check_dense_against_loop(x, kernel, strides, padding, impl, seed=12)
+    lax_conv = jax.lax.conv_general_dilated(
+        jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32), strides, padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
     np.testing.assert_allclose(lax_conv, y_ref, atol=1e-4)  # the loop reads padding as lax
-    np.testing.assert_allclose(y, y_ref, atol=1e-4)
-    np.testing.assert_allclose(dx, dx_ref, atol=1e-4)
-    np.testing.assert_allclose(dk, dk_ref, atol=1e-4)
 
 
 @pytest.mark.parametrize("strides,padding", [((1, 1), ((2, 0), (1, 3))), ((2, 1), ((1, 2), (0, 0))),
@@ -180,14 +191,7 @@ def test_kernel_gradient_by_rows_matches_loop_for_non_square_kernels(strides, pa
     x = np.asarray(jax.random.normal(jax.random.PRNGKey(20), (2, 9, 11, cin)), np.float64)
     # cin 1: 5 x 1 < 6 outputs, the stems' orientation (rows on the left)
     kernel = np.asarray(jax.random.normal(jax.random.PRNGKey(21), (3, 5, cin, 6)), np.float64)
-    xf, kf = jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32)
-    y, vjp = jax.vjp(lambda x, k: conv2d(x, k, strides, padding, impl=impl), xf, kf)
-    g = np.asarray(jax.random.normal(jax.random.PRNGKey(22), y.shape), np.float64)
-    y_ref, dx_ref, dk_ref = dense_loop_reference(x, kernel, strides, padding, g)
-    dx, dk = vjp(jnp.asarray(g, jnp.float32))
-    np.testing.assert_allclose(y, y_ref, atol=1e-4)
-    np.testing.assert_allclose(dx, dx_ref, atol=1e-4)
-    np.testing.assert_allclose(dk, dk_ref, atol=1e-4)
+    check_dense_against_loop(x, kernel, strides, padding, impl, seed=22)
 
 
 def test_kernel_gradient_by_rows_in_bfloat16_is_close_to_float32():

@@ -152,16 +152,16 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array 
     d]`` keys and values, ``bias`` broadcastable to ``[B, heads, Nq, Nk]`` or None), with
     the backward pass written out as flash attention's: ``ds = p * (dp - rowsum(do * o))``.
 
-    The forward pass is :func:`dot_product_attention`'s (float32 logits and softmax). Its
-    gradient is the same function, but autodiff of the softmax differentiates the
-    normalisation as a division (three passes over the ``[B, heads, Nq, Nk]`` logits and a
-    reduction over them) and XLA:CPU hands that to YNNPACK fused with the ``do v^T``
-    product, where the row sum over the output's ``d`` channels is one cheap pass. One
-    thread, float32, batch 8, forward and backward, a 2-core Xeon (AVX-512), jax 0.10.2:
-    Twins-SVT-S's stage-1 GSA core (3136 queries, 49 keys, 2 heads of 32) 32.9 -> 25.6 ms,
-    CoAtNet-0's stage-3 core with its bias (196 x 196, 8 heads) 23.2 -> 16.9 ms. Not
-    differentiated (inference) it is XLA's ``jax.nn.dot_product_attention``, the faster
-    forward on its own.
+    Differentiated, the forward pass is :func:`dot_product_attention`'s (float32 logits and
+    softmax) and keeps its weights for the backward pass. The gradient is the same
+    function's, but autodiff of the softmax differentiates the normalisation as a division
+    (three passes over the ``[B, heads, Nq, Nk]`` logits and a reduction over them) and
+    XLA:CPU hands that to YNNPACK fused with the ``do v^T`` product, where the row sum over
+    the output's ``d`` channels is one cheap pass. One thread, float32, batch 8, forward and
+    backward, a 2-core Xeon (AVX-512), jax 0.10.2: Twins-SVT-S's stage-1 GSA core (3136
+    queries, 49 keys, 2 heads of 32) 32.9 -> 25.6 ms, CoAtNet-0's stage-3 core with its bias
+    (196 x 196, 8 heads) 23.2 -> 16.9 ms. Not differentiated (inference) it is XLA's
+    ``jax.nn.dot_product_attention``, the faster forward on its own.
     """
     return jax.nn.dot_product_attention(q, k, v, bias, scale=scale, implementation="xla")
 
@@ -225,10 +225,9 @@ def fused_dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     xla = lambda q, k, v, b=None: jax.nn.dot_product_attention(  # noqa: E731
         q, k, v, b, scale=scale, implementation="xla")
     explicit = lambda q, k, v, b=None: softmax_attention(q, k, v, b, scale)  # noqa: E731
+    operands = (q, k, v) if bias is None else (q, k, v, bias)  # no None through the switch
     if impl != "auto":
-        form = xla if impl == "xla" else explicit
-        return form(q, k, v) if bias is None else form(q, k, v, bias)
-    operands = (q, k, v) if bias is None else (q, k, v, bias)
+        return (xla if impl == "xla" else explicit)(*operands)
     return lax.platform_dependent(*operands, cpu=explicit, default=xla)
 
 

@@ -67,8 +67,6 @@ def _pads(spatial: Sequence[int], window: Sequence[int], strides: Sequence[int],
     return pads
 
 
-
-
 def _out_pixels(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
                 pads: tuple[tuple[int, int], ...]) -> int:
     """Output pixels per image of a convolution of an NHWC ``x_shape``."""
@@ -76,6 +74,8 @@ def _out_pixels(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Se
     for size, k, s, (lo, hi) in zip(x_shape[1:3], kernel_shape[:2], strides, pads):
         n *= (size + lo + hi - k) // s + 1
     return n
+
+
 def _native(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
             pads: tuple[tuple[int, int], ...]) -> jax.Array:
     return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DIMENSIONS,
@@ -251,9 +251,9 @@ def _native_im2col_grad(x: jax.Array, kernel: jax.Array, strides: tuple[int, int
     14x14x256 12.5 / 14.6 ms, 56x56x128 at stride 2 13.9 / 18.2 ms, but 7x7x512 16.9 /
     13.7 ms and 14x14x512 at stride 2 18.0 / 13.6 ms (ResNet-50's one-thread inference was
     2-3% slower with the product everywhere)."""
-    out = _im2col_dot(x, kernel, strides, pads) if _out_pixels(
-        x.shape, kernel.shape, strides, pads) <= IM2COL_FORWARD_MAX_PIXELS else None
-    return out if out is not None else _dense_native(x, kernel, strides, pads, 1)
+    if _out_pixels(x.shape, kernel.shape, strides, pads) <= IM2COL_FORWARD_MAX_PIXELS:
+        return _im2col_dot(x, kernel, strides, pads)
+    return _dense_native(x, kernel, strides, pads, 1)
 
 
 def _native_im2col_grad_fwd(x, kernel, strides, pads):
@@ -275,7 +275,9 @@ def _kernel_grad_rows(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
     ``dW[i, j, c, o] = sum_{b, y, x} xpad[b, y*sh + i, x*sw + j, c] * dy[b, y, x, o]``: the
     ``kw`` column-shifted (strided) copies of the padded input stand side by side on the
     channel axis, and kernel row ``i`` is ``dy^T [Cout, B*Ho*Wo] @ rows_i [B*Ho*Wo, kw*Cin]``
-    with ``rows_i`` that array's strided row slice. Products accumulate in float32.
+    with ``rows_i`` that array's strided row slice, or ``rows_i^T @ dy`` where ``kw * Cin <
+    Cout`` (the stems: the narrower operand on the left, as in
+    :func:`~hybrid_attn.models.layers.dense.matmul`). Products accumulate in float32.
     """
     kh, kw, cin, cout = kernel_shape
     (sh, sw), (b, ho, wo, _) = strides, dy.shape
@@ -341,15 +343,18 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = (1, 1
     """2-D convolution of NHWC ``x`` [B, H, W, Cin] with ``kernel`` [kh, kw, Cin / groups,
     Cout], equal to ``lax.conv_general_dilated``.
 
-    ``impl="auto"`` picks per backend at lowering time. On CPU an ungrouped 1x1
-    convolution, or one over non-overlapping patches (stride equal to the kernel, no
-    padding), is a matrix product (``"dot"``), and any other ungrouped convolution whose
-    output has at least :data:`ROWS_GRAD_MIN_PIXELS` pixels per image (and whose input at
-    least :data:`ROWS_GRAD_MIN_CHANNELS` channels) is the native
-    convolution with its kernel gradient computed as matrix products (``"rows_grad"``,
-    :func:`_kernel_grad_rows`); every other convolution, and every convolution on GPU and
-    TPU, is native. ``"native"``, ``"dot"`` and ``"rows_grad"`` force one form (``"dot"``
-    only for those two kinds, ``"rows_grad"`` only ungrouped).
+    ``impl="auto"`` picks per backend at lowering time. On CPU, for ungrouped convolutions:
+    a 1x1 convolution, or one over non-overlapping patches (stride equal to the kernel, no
+    padding), is a matrix product (``"dot"``); one whose output is smaller than
+    :data:`ROWS_GRAD_MIN_PIXELS` (or equal to it when strided), from
+    :data:`IM2COL_MIN_CHANNELS` input channels, trains as one im2col product (``"im2col"``,
+    :func:`_native_im2col_grad`); one whose output has at least :data:`ROWS_GRAD_MIN_PIXELS`
+    pixels per image and whose input at least :data:`ROWS_GRAD_MIN_CHANNELS` channels (or
+    is a stem, ``kw * Cin < Cout``) is the native convolution with its kernel gradient
+    computed as matrix products (``"rows_grad"``, :func:`_kernel_grad_rows`). Every other
+    convolution, and every convolution on GPU and TPU, is native. ``"native"``, ``"dot"``,
+    ``"rows_grad"`` and ``"im2col"`` force one form (``"dot"`` only for those two kinds,
+    the other two only ungrouped).
     """
     if (x.ndim != 4 or kernel.ndim != 4 or feature_group_count < 1
             or kernel.shape[2] * feature_group_count != x.shape[-1]
