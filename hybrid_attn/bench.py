@@ -31,10 +31,11 @@ JSON line then carries both sides, and a Markdown table row goes to stderr.
 XLA:CPU: it sizes its thread pools from the allowed CPUs, whereas
 ``--xla_cpu_multi_thread_eigen=false`` left a 2048x2048 matmul using 1.6 cores (jax 0.10).
 
-Run as ``python -m hybrid_attn.bench`` it restarts itself with transparent huge pages for
-glibc's large blocks (:mod:`hybrid_attn.host_malloc`, as the training entry point does on a
-CPU-only install), and the timm subprocess inherits the setting, so both sides run with
-the same malloc; without it each step page-faults its freshly mapped buffers on both sides.
+Run as ``python -m hybrid_attn.bench`` it restarts itself with glibc tunables that keep
+large blocks mapped and runs XLA:CPU computations on the calling thread
+(:mod:`hybrid_attn.host_malloc`, as the training entry point does on a CPU-only install),
+and the timm subprocess inherits the tunables, so both sides run with the same malloc;
+without them each step page-faults its freshly mapped buffers on both sides.
 ``HYBRID_ATTN_MALLOC=default`` keeps glibc's defaults on both sides. The JSON line records
 which applied (``malloc``).
 """
@@ -43,8 +44,8 @@ from __future__ import annotations
 
 from hybrid_attn import host_malloc
 
-if __name__ == "__main__":  # before jax loads: a glibc tunable is read at process start
-    host_malloc.reexec_with_hugepages()
+if __name__ == "__main__":  # before jax loads: glibc tunables are read at process start
+    host_malloc.configure_process()
 
 import dataclasses
 import json
@@ -338,7 +339,7 @@ TABLE_HEADER = ("| model | mode | threads | ours img/s | timm eager img/s | rati
 def main(argv: list[str]) -> None:
     del argv
     limit_threads(FLAGS.threads)
-    malloc = "hugepages" if host_malloc.active() else "default"
+    malloc = "kept_mapped" if host_malloc.active() else "default"
     if FLAGS.layer:
         result = run_layer_benchmark(FLAGS.layer, FLAGS.map, FLAGS.batch, FLAGS.mode,
                                      FLAGS.dtype, FLAGS.steps, FLAGS.warmup)

@@ -14,7 +14,7 @@ configuration is run eagerly and, unless ``--no-compile``, with ``torch.compile`
 model (its compile time is the first call's time minus an eager step). ``--threads N``
 pins the process to N CPUs and calls ``torch.set_num_threads(N)``. Under ``bench.py`` it
 inherits that process's environment, ``GLIBC_TUNABLES`` (``hybrid_attn/host_malloc.py``'s
-huge pages) included, so both sides run with the same malloc settings. Besides wall time per
+tunables) included, so both sides run with the same malloc settings. Besides wall time per
 step, the process CPU time per step is reported: on a shared machine it is the steadier
 measure of work at one thread.
 """

@@ -5,10 +5,10 @@ batch and marks padding with ``mask``), also usable on its own from a checkpoint
     python -m hybrid_attn.evaluate --config=configs/coatnet0.py:digits --workdir=runs/x
 """
 
-if __name__ == "__main__":  # before jax loads: a glibc tunable is read at process start
+if __name__ == "__main__":  # before jax loads: glibc tunables are read at process start
     from hybrid_attn import host_malloc
 
-    host_malloc.reexec_with_hugepages()
+    host_malloc.configure_process()
 
 import dataclasses
 from collections.abc import Callable, Iterable

@@ -1,6 +1,6 @@
 """Entry point: ``python -m hybrid_attn.main --config=configs/coatnet0.py:digits --workdir=DIR``.
 
-Restarts itself with huge pages for glibc's large blocks on a CPU-only install
+Restarts itself with glibc tunables that keep large blocks mapped on a CPU-only install
 (``hybrid_attn.host_malloc``), parses flags, starts the multi-process runtime
 (``hybrid_attn.distributed``), logs the hosts and devices, and calls
 ``train.train_and_evaluate``. Bad input (a config typo, a workdir of another model, a
@@ -9,10 +9,10 @@ diverging run) ends with one line on stderr and exit code 1 (2 for flag errors).
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # before jax loads: a glibc tunable is read at process start
+if __name__ == "__main__":  # before jax loads: glibc tunables are read at process start
     from hybrid_attn import host_malloc
 
-    host_malloc.reexec_with_hugepages()
+    host_malloc.configure_process()
 
 import logging as std_logging
 import sys

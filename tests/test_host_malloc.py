@@ -1,5 +1,5 @@
-"""host_malloc: with glibc's huge-page tunable a repeated XLA:CPU computation faults its
-output buffer in 2 MiB pages instead of 4 KiB ones; entry points restart with it."""
+"""host_malloc: with its glibc tunables and inline dispatch a repeated XLA:CPU computation
+reuses its buffers instead of faulting them in afresh; entry points restart with them."""
 
 import json
 import os
@@ -15,9 +15,10 @@ linux_thp = pytest.mark.skipif(
     reason="needs Linux with transparent huge pages (always or madvise)")
 
 # A 64 MiB result (16,384 pages of 4 KiB), computed nine times; prints the minor page
-# faults of the last call.
+# faults of the last call; `{setup}` runs first, before jax is imported.
 _PROBE = """
 import json, resource
+{setup}
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: x * 2.0)
 x = jnp.ones((4096, 4096), jnp.float32)
@@ -43,26 +44,45 @@ def _run(code: str, env: dict[str, str]) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+def _faults(setup: str = "", **env: str) -> int:
+    return json.loads(_run(_PROBE.replace("{setup}", setup), _env(**env)))["faults"]
+
+
+_CONFIGURE = "from hybrid_attn import host_malloc; host_malloc.configure_process()"
+
+
 @linux_thp
-def test_huge_pages_cut_the_faults_of_a_large_result():
-    default = json.loads(_run(_PROBE, _env()))["faults"]
-    huge = json.loads(_run(_PROBE, _env(GLIBC_TUNABLES=host_malloc.TUNABLE)))["faults"]
+def test_the_tunables_and_inline_dispatch_stop_the_faults_of_a_large_result():
     # glibc maps the 64 MiB result afresh on every call and faults in each 4 KiB page...
+    default = _faults()
     assert default > _PAGES // 2, default
-    # ...and with the tunable in 2 MiB pages (32 for 64 MiB, plus small blocks).
+    # ...with huge pages alone in 2 MiB pages (32 for 64 MiB, plus small blocks)...
+    huge = _faults(GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
     assert huge < _PAGES // 20, huge
+    # ...and an entry point (restarted with all the tunables, dispatching inline) reuses
+    # the previous call's memory: no fault.
+    kept = _faults(_CONFIGURE)
+    assert kept < 8, kept
+    # Inline dispatch is needed: a worker thread's glibc arena still maps the block afresh.
+    worker = _faults(GLIBC_TUNABLES=":".join(host_malloc.TUNABLES))
+    assert worker >= 32, worker
+    # HYBRID_ATTN_MALLOC=default opts out.
+    assert _faults(_CONFIGURE, HYBRID_ATTN_MALLOC="default") > _PAGES // 2
 
 
-_SHOW = ("from hybrid_attn import host_malloc; host_malloc.reexec_with_hugepages(); "
-         "import os, sys; print(repr(os.environ.get('GLIBC_TUNABLES')), sys.argv[1:])")
+_SHOW = ("from hybrid_attn import host_malloc; host_malloc.configure_process(); "
+         "import os, sys; from jax._src import xla_bridge; "
+         "print(repr(os.environ.get('GLIBC_TUNABLES')), sys.argv[1:], "
+         "xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value)")
 
 
 @linux_thp
-def test_entry_point_restarts_with_the_tunable_unless_opted_out():
-    out = _run(_SHOW, _env(GLIBC_TUNABLES="glibc.malloc.tcache_count=8"))
-    assert out == "'glibc.malloc.tcache_count=8:glibc.malloc.hugetlb=1' []", out
-    assert _run(_SHOW, _env(HYBRID_ATTN_MALLOC="default")) == "None []"
-    assert _run(_SHOW, _env(JAX_PLATFORMS="cuda,cpu")) == "None []"
+def test_entry_point_restarts_with_the_tunables_unless_opted_out():
+    out = _run(_SHOW, _env(GLIBC_TUNABLES="glibc.malloc.tcache_count=8:glibc.malloc.mmap_max=4"))
+    tunables = ":".join(("glibc.malloc.tcache_count=8", *host_malloc.TUNABLES))
+    assert out == f"'{tunables}' [] False", out
+    assert _run(_SHOW, _env(HYBRID_ATTN_MALLOC="default")) == "None [] True"
+    assert _run(_SHOW, _env(JAX_PLATFORMS="cuda,cpu")) == "None [] True"
 
 
 def test_platform_and_kernel_detection(monkeypatch, tmp_path):
@@ -75,5 +95,5 @@ def test_platform_and_kernel_detection(monkeypatch, tmp_path):
         (tmp_path / "enabled").write_text(mode + "\n")
         assert host_malloc.transparent_hugepages(tmp_path / "enabled") is expected
     assert not host_malloc.transparent_hugepages(tmp_path / "missing")
-    assert host_malloc.with_tunable({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) == {
-        "GLIBC_TUNABLES": host_malloc.TUNABLE}
+    assert host_malloc.with_tunables({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) == {
+        "GLIBC_TUNABLES": ":".join(host_malloc.TUNABLES)}
