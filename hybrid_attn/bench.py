@@ -89,9 +89,9 @@ flags.DEFINE_bool("scan", None, "Scan over a stage's repeated blocks, where the 
                   "`scan_blocks` field.")
 flags.DEFINE_bool("flat_optimizer", False, "Train with AdamW's moments on one flat vector "
                   "of all parameters (config optim.flat_state) instead of per parameter.")
-flags.DEFINE_bool("init_light_codegen", True, "On CPU, compile the state's init with "
-                  "train.CPU_LIGHT_CODEGEN, as the trainer does; --noinit_light_codegen "
-                  "for XLA's defaults (init_s in the JSON line).")
+flags.DEFINE_bool("light_codegen", True, "On CPU, compile the state's init and the train "
+                  "step with train.CPU_LIGHT_CODEGEN, as the trainer does; --nolight_codegen "
+                  "uses XLA's defaults for both.")
 
 # Our name -> timm's model of the same architecture. BoTNet-50 has no exact timm twin:
 # botnet50ts_256 (tiered 3-conv stem, SiLU) is the nearest and is flagged as such. timm's
@@ -201,9 +201,9 @@ def run_layer_benchmark(layer: str, feature_map: str, batch: int, mode: str,
 def run_benchmark(model_name: str, res: int, batch: int, mode: str, dtype: str = "float32",
                   steps: int = 10, warmup: int = 2, num_classes: int = 1000,
                   remat: str | None = None, scan: bool | None = None,
-                  flat_optimizer: bool = False, init_light_codegen: bool = True) -> dict:
+                  flat_optimizer: bool = False, light_codegen: bool = True) -> dict:
     """Compiles and times the step; returns the measurements as a dict.
-    ``init_light_codegen``: ``train.create_train_state``'s ``light_codegen``."""
+    ``light_codegen``: ``train.create_train_state``'s and ``train.make_train_step``'s."""
     mesh = sharding.make_mesh()
     sharding.check_batch_size(batch, mesh, "--batch")
     overrides, notes = model_overrides(model_name, remat, scan)
@@ -219,15 +219,15 @@ def run_benchmark(model_name: str, res: int, batch: int, mode: str, dtype: str =
     rng = jax.random.PRNGKey(0)
     t0 = time.perf_counter()
     state, shardings = train.create_train_state(model, tx, rng, (1, res, res, 3), mesh,
-                                                ema=False, light_codegen=init_light_codegen)
+                                                ema=False, light_codegen=light_codegen)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
     images = jax.random.normal(rng, (batch, res, res, 3), jnp.float32)
     labels = jax.nn.one_hot(jnp.arange(batch) % num_classes, num_classes)
     batch_data = jax.device_put({"image": images, "label": labels}, sharding.batch_sharding(mesh))
     if mode == "train":
-        step = train.make_train_step(model, tx, schedule, rng, 0.0,
-                                     shardings, mesh)
+        step = train.make_train_step(model, tx, schedule, rng, 0.0, shardings, mesh,
+                                     light_codegen=light_codegen)
         args = (state, batch_data)
     else:
         variables = {"params": state.params}
@@ -265,8 +265,8 @@ def run_benchmark(model_name: str, res: int, batch: int, mode: str, dtype: str =
         "compile_s": round(compile_s, 2),  # tracing + lowering + XLA compile
         "lower_s": round(lower_s, 2),  # tracing + lowering to StableHLO alone
         "init_s": round(init_s, 2),  # create_train_state: tracing, compile and run
-        # The XLA options the init compiled with (None: XLA's defaults).
-        "init_compiler_options": train.init_compiler_options(mesh, init_light_codegen),
+        # The XLA options the init and (in train mode) the step compiled with (None: defaults).
+        "compiler_options": train.light_compiler_options(mesh, light_codegen),
         # XLA analyses the per-device program; data parallelism splits the work evenly.
         "flops_per_step": _flops(compiled) * mesh.devices.size,
         "temp_memory_bytes": getattr(memory, "temp_size_in_bytes", None),
@@ -354,7 +354,7 @@ def main(argv: list[str]) -> None:
         python = timm_python(FLAGS.timm_python)
     result = run_benchmark(FLAGS.model, FLAGS.res, FLAGS.batch, FLAGS.mode, FLAGS.dtype,
                            FLAGS.steps, FLAGS.warmup, FLAGS.num_classes, FLAGS.remat,
-                           FLAGS.scan, FLAGS.flat_optimizer, FLAGS.init_light_codegen)
+                           FLAGS.scan, FLAGS.flat_optimizer, FLAGS.light_codegen)
     result["malloc"] = malloc
     if python is not None:
         runs = run_timm(python, timm_model, FLAGS.res, FLAGS.batch, FLAGS.mode, FLAGS.threads,

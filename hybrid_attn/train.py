@@ -117,22 +117,25 @@ def actions_for_step(
     )
 
 
-# XLA:CPU code generation for the state's init (``create_train_state(light_codegen=...)``):
-# LLVM at -O1 without its expensive passes. The init is dominated by the random
-# initialisers, one large threefry kernel per parameter shape, where LLVM's -O2 pipeline is
-# what costs; the program runs once, so its code speed does not matter, and the parameters
-# come out bitwise equal. On a 2-core AMD EPYC VM (224x224, float32; README, Benchmark) the
-# bench's init_s went from 20.3 / 16.4 to 15.3 / 14.7 s for CoAtNet-0, 24.2 / 26.0 to
-# 17.1 / 13.6 s for Twins-SVT-S and 14.8 / 15.8 to 9.2 / 12.3 s for ResNet-50 (two runs
-# each). The train step gains nothing from the same switches (its heavy kernels are library
-# calls), so it keeps XLA's defaults. A key already set in XLA_FLAGS wins (the tests
-# compile at -O0).
+# XLA:CPU code generation for the state's init and the train step (``light_codegen``): LLVM
+# at -O1 without its expensive passes. The init is dominated by the random initialisers,
+# one large threefry kernel per parameter shape, where LLVM's -O2 pipeline is what costs;
+# it runs once, and the parameters come out bitwise equal. On a 2-core AMD EPYC VM
+# (224x224, float32; README, Benchmark) the bench's init_s went from 20.3 / 16.4 to
+# 15.3 / 14.7 s for CoAtNet-0, 24.2 / 26.0 to 17.1 / 13.6 s for Twins-SVT-S and 14.8 / 15.8
+# to 9.2 / 12.3 s for ResNet-50 (two runs each). The train step's heavy kernels are library
+# calls, so its speed does not depend on LLVM's level: in one process, compiled both ways
+# and called alternately (batch 8, one thread, a 2-core Xeon VM, 2026-12-07), Twins-SVT-S
+# took a median 1873 ms per step at -O1 against 1858 ms at -O2, CoAtNet-0 3767 against 3842
+# ms. Its compile gets shorter for Twins-SVT-S (18.7 -> 16.4 s there; with the scan path at
+# two threads 12.6 -> 10.0 and 11.4 -> 9.4 s) and stays the same for CoAtNet-0 (14.4 /
+# 14.5 s). A key already set in XLA_FLAGS wins (the tests compile at -O0).
 CPU_LIGHT_CODEGEN = {"xla_backend_optimization_level": 1,
                      "xla_llvm_disable_expensive_passes": True}
 
 
-def init_compiler_options(mesh: Mesh, light_codegen: bool = True) -> dict[str, Any] | None:
-    """``jax.jit`` compiler options for the state's init on ``mesh``:
+def light_compiler_options(mesh: Mesh, light_codegen: bool = True) -> dict[str, Any] | None:
+    """``jax.jit`` compiler options for the state's init and the train step on ``mesh``:
     :data:`CPU_LIGHT_CODEGEN` on CPU when ``light_codegen``, less any key XLA_FLAGS sets;
     None (XLA's defaults) on GPU and TPU or when switched off."""
     if not light_codegen or mesh.devices.flat[0].platform != "cpu":
@@ -155,7 +158,7 @@ def create_train_state(
 ) -> tuple[TrainState, Any]:
     """Initialises the state directly in the sharding ``sharding_cfg``'s rules give it (no
     device ever holds an unsharded copy); returns it and the sharding tree.
-    ``light_codegen``: compile the init with :func:`init_compiler_options` (on CPU; the same
+    ``light_codegen``: compile the init with :func:`light_compiler_options` (on CPU; the same
     parameters, 2-12 s less start-up for the 224-px models measured above)."""
 
     def init(rng):
@@ -173,7 +176,7 @@ def create_train_state(
     shardings = sharding.tree_shardings(jax.eval_shape(init, rng), mesh,
                                         sharding_cfg or sharding.ShardingConfig())
     return jax.jit(init, out_shardings=shardings,
-                   compiler_options=init_compiler_options(mesh, light_codegen))(rng), shardings
+                   compiler_options=light_compiler_options(mesh, light_codegen))(rng), shardings
 
 
 def train_step(
@@ -270,8 +273,10 @@ def make_train_step(
     state_shardings: Any,
     mesh: Mesh,
     grad_accum_steps: int = 1,
+    light_codegen: bool = True,
 ) -> Callable[[TrainState, dict], tuple[TrainState, TrainMetrics]]:
-    """``train_step`` jitted with explicit shardings and the old state donated."""
+    """``train_step`` jitted with explicit shardings and the old state donated;
+    ``light_codegen``: compiled with :func:`light_compiler_options` (on CPU)."""
     step = functools.partial(
         train_step, model=model, tx=tx, schedule=schedule, base_rng=base_rng,
         ema_decay=ema_decay, grad_accum_steps=grad_accum_steps,
@@ -281,6 +286,7 @@ def make_train_step(
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
+        compiler_options=light_compiler_options(mesh, light_codegen),
     )
 
 

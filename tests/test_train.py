@@ -105,15 +105,15 @@ def test_train_step_same_on_8_devices_as_on_1(flat_state):
     assert float(np.abs(state8.batch_stats["BatchNorm_0"]["mean"]).sum()) > 0
 
 
-def test_light_codegen_init_reaches_xla_and_gives_the_same_state(monkeypatch):
+def test_light_codegen_reaches_xla_and_gives_the_same_state_and_step(monkeypatch):
     mesh = sharding.make_mesh(jax.devices()[:1])
     # conftest's XLA_FLAGS set both keys (-O0): a key set there wins, so tests are unchanged.
-    assert train.init_compiler_options(mesh) is None
+    assert train.light_compiler_options(mesh) is None
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    assert train.init_compiler_options(mesh) == train.CPU_LIGHT_CODEGEN
-    assert train.init_compiler_options(mesh, light_codegen=False) is None
+    assert train.light_compiler_options(mesh) == train.CPU_LIGHT_CODEGEN
+    assert train.light_compiler_options(mesh, light_codegen=False) is None
     monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
-    assert train.init_compiler_options(mesh) == {"xla_llvm_disable_expensive_passes": True}
+    assert train.light_compiler_options(mesh) == {"xla_llvm_disable_expensive_passes": True}
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     model, tx, rng = TinyNet(), optax.adamw(1e-3), jax.random.PRNGKey(0)
@@ -126,10 +126,30 @@ def test_light_codegen_init_reaches_xla_and_gives_the_same_state(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     # The options reach XLA's compile, and only with the switch on: XLA rejects a key it
     # does not know.
+    # A train step compiled both ways: the same updated state and metrics.
+    batch = {"image": jax.random.normal(rng, (8, 8, 8, 3)),
+             "label": jax.nn.one_hot(jnp.arange(8) % 10, 10)}
+    schedule = optax.constant_schedule(1e-3)
+    results = {}
+    for flag in (True, False):
+        state, shardings = init(light_codegen=False)
+        step = train.make_train_step(model, tx, schedule, rng, 0.99, shardings, mesh,
+                                     light_codegen=flag)
+        results[flag] = step(state, batch)
+    for a, b in zip(jax.tree_util.tree_leaves(results[True]),
+                    jax.tree_util.tree_leaves(results[False])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # The options reach XLA's compile, and only with the switch on: XLA rejects a key it
+    # does not know.
     monkeypatch.setitem(train.CPU_LIGHT_CODEGEN, "xla_no_such_option", True)
     with pytest.raises(Exception, match="No such compile option"):
         init(light_codegen=True)
     init(light_codegen=False)
+    state, shardings = init(light_codegen=False)
+    with pytest.raises(Exception, match="No such compile option"):
+        train.make_train_step(model, tx, schedule, rng, 0.99, shardings, mesh)(state, batch)
+    train.make_train_step(model, tx, schedule, rng, 0.99, shardings, mesh,
+                          light_codegen=False)(state, batch)
 
 
 def test_batch_size_must_split_over_devices():
