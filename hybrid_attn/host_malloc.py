@@ -49,6 +49,13 @@ another entry point) start Python with ``GLIBC_TUNABLES`` set to ``":".join(TUNA
 and call :func:`configure_process` (or set ``jax_cpu_enable_async_dispatch`` to False)
 before the first computation. The cost: the process keeps its peak heap (the step's
 temporaries) mapped between steps, and large blocks are rounded up to 2 MiB pages.
+
+The heap still grows during a process's first calls (ResNet-50's inference at batch 8 on
+one thread: 3,517 faults in the first call, about 300 in the second, none after), and on
+that VM fresh memory can cost far more than its faults suggest (a second call took 1032
+ms against 620-640 for the later ones, 0.38 s of it in the kernel for 357 faults; one
+process of five had such a call fifth, 58 faults): time steps after two warm-up calls
+(``python -m hybrid_attn.bench --warmup 2``) and take the median.
 """
 
 from __future__ import annotations
