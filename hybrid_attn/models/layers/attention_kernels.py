@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from hybrid_attn.models.layers.platform import platform_dependent
 from hybrid_attn.models.layers.position import Grid, LogitTerm
 
 
@@ -131,7 +132,7 @@ def _broadcast_batch_fwd(bias, batch):
 
 
 def _broadcast_batch_bwd(batch, _, ct):
-    total = lax.platform_dependent(ct, cpu=_sum_leading_by_halves,
+    total = platform_dependent(ct, cpu=_sum_leading_by_halves,
                                    default=lambda ct: jnp.sum(ct, axis=0))
     return (total[None],)
 
@@ -228,7 +229,7 @@ def fused_dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     operands = (q, k, v) if bias is None else (q, k, v, bias)  # no None through the switch
     if impl != "auto":
         return (xla if impl == "xla" else explicit)(*operands)
-    return lax.platform_dependent(*operands, cpu=explicit, default=xla)
+    return platform_dependent(*operands, cpu=explicit, default=xla)
 
 
 def block_side(n: int, max_block: int, window: int) -> int:

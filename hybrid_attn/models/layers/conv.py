@@ -6,10 +6,10 @@ its kernel gradient, where the same operation written as ``kh * kw`` shifted mul
 (one fused elementwise loop, whose gradients are fused pads and reductions) took 32 ms and
 ~0.2 s; its kernel gradient pairs each tap's input phase with the shifted output gradient
 (:func:`_shifted_vjp`). :func:`depthwise_conv` picks that form on CPU and the native
-``lax.conv_general_dilated`` on every other backend (GPU, TPU), per backend at lowering
-time through ``jax.lax.platform_dependent``. :class:`DepthwiseConv` has the variables of
-``nn.Conv(C, kernel_size, feature_group_count=C)`` (``kernel`` [kh, kw, 1, C], ``bias``
-[C]), so checkpoints and weight converters stay valid.
+``lax.conv_general_dilated`` on every other backend (GPU, TPU), per backend at trace time
+(:func:`~hybrid_attn.models.layers.platform.platform_dependent`). :class:`DepthwiseConv`
+has the variables of ``nn.Conv(C, kernel_size, feature_group_count=C)`` (``kernel``
+[kh, kw, 1, C], ``bias`` [C]), so checkpoints and weight converters stay valid.
 
 Dense convolutions (:func:`conv2d`, :class:`Conv`): XLA:CPU's kernel gradient of a 1x1
 convolution is slow (8x56x56, 256->64: 72 ms CPU time for forward and both gradients, 33 ms
@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from hybrid_attn.models.layers.dense import matmul
+from hybrid_attn.models.layers.platform import platform_dependent
 
 Padding = str | int | Sequence[tuple[int, int]]
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
@@ -162,7 +163,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1,
         return forms[impl](x, kernel, strides, pads)
     if impl != "auto":
         raise ValueError(f"impl must be 'auto', 'shifted' or 'native', got {impl!r}")
-    return lax.platform_dependent(
+    return platform_dependent(
         x, kernel,
         cpu=lambda x, k: _shifted_vjp(x, k, strides, pads),
         default=lambda x, k: _native(x, k, strides, pads))
@@ -400,7 +401,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = (1, 1
     cpu = dot or (im2col if by_im2col else rows_grad if by_rows else None)
     if cpu is None:
         return _dense_native(x, kernel, strides, pads, feature_group_count)
-    return lax.platform_dependent(
+    return platform_dependent(
         x, kernel, cpu=cpu, default=lambda x, k: _dense_native(x, k, strides, pads, 1))
 
 

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from hybrid_attn.models.layers.platform import platform_dependent
+
 
 def _plain_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return lax.dot_general(x, w, (((1,), (0,)), ((), ())))
@@ -69,7 +71,7 @@ def matmul(x: jax.Array, w: jax.Array, impl: str = "auto") -> jax.Array:
         return _matmul_narrow_left(x, w)
     if impl != "auto":
         raise ValueError(f"impl must be 'auto', 'narrow_left' or 'native', got {impl!r}")
-    return lax.platform_dependent(x, w, cpu=_matmul_narrow_left, default=_plain_matmul)
+    return platform_dependent(x, w, cpu=_matmul_narrow_left, default=_plain_matmul)
 
 
 class Dense(nn.Module):

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from hybrid_attn.models.layers.platform import platform_dependent
+
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 
@@ -93,7 +95,7 @@ def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
         return forms[impl](x)
     if impl != "auto":
         raise ValueError(f"impl must be 'auto', 'sliced' or 'native', got {impl!r}")
-    return lax.platform_dependent(x, cpu=sliced, default=native)
+    return platform_dependent(x, cpu=sliced, default=native)
 
 
 def avg_pool2(x: jax.Array) -> jax.Array:
