@@ -11,8 +11,10 @@ attention or, for comparison, a 3x3 convolution); ``--mode train`` is forward + 
 Reports images/s and ms per step (median over ``--steps`` timed steps after warm-up), the
 process CPU time per step (on a shared machine the steadier measure of work at one
 thread), compile time (``compile_s``: tracing, lowering and XLA's compile; ``lower_s``: tracing
-and lowering alone), the FLOPs per step from XLA's cost analysis summed over devices (XLA
-counts a multiply-add as two FLOPs), the compiled per-device program's temporary memory
+and lowering alone; ``compilation_cache`` names JAX's persistent cache directory when
+``JAX_COMPILATION_CACHE_DIR`` sets one, and then a repeated run loads the executable),
+the FLOPs per step from XLA's cost analysis summed over devices (XLA counts a multiply-add
+as two FLOPs), the compiled per-device program's temporary memory
 and, where the backend reports it, the device's peak memory in use. A train step is
 forward + backward + the trainer's AdamW update (:func:`hybrid_attn.optim.make_optimizer`, lr
 1e-3, weight decay 0.05 on the matrices, no clipping); ``--flat_optimizer`` runs it on one
@@ -267,6 +269,9 @@ def run_benchmark(model_name: str, res: int, batch: int, mode: str, dtype: str =
         "init_s": round(init_s, 2),  # create_train_state: tracing, compile and run
         # The XLA options the init and (in train mode) the step compiled with (None: defaults).
         "compiler_options": train.light_compiler_options(mesh, light_codegen),
+        # JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR), if on: a warm cache
+        # makes compile_s the load of a stored executable, not a compile.
+        "compilation_cache": jax.config.jax_compilation_cache_dir or None,
         # XLA analyses the per-device program; data parallelism splits the work evenly.
         "flops_per_step": _flops(compiled) * mesh.devices.size,
         "temp_memory_bytes": getattr(memory, "temp_size_in_bytes", None),

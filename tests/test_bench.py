@@ -54,6 +54,19 @@ TINY = ("--model=resnet26", "--res=32", "--batch=1", "--mode=infer", "--steps=1"
         "--warmup=0", "--num_classes=10")
 
 
+def test_cli_uses_jax_compilation_cache_when_set(tmp_path):
+    """The README's recipe for restarts: JAX_COMPILATION_CACHE_DIR reaches the restarted
+    process (host_malloc re-executes it), is reported, and receives the executables."""
+    cache = tmp_path / "xla_cache"
+    env = {"JAX_COMPILATION_CACHE_DIR": str(cache),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    done = _cli(*TINY, env_extra=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["compilation_cache"] == str(cache)
+    assert any(p.name.startswith("jit_") for p in cache.iterdir())
+    assert json.loads(_cli(*TINY).stdout)["compilation_cache"] is None
+
+
 def test_cli_against_timm_without_timm_is_one_line():
     done = _cli(*TINY, "--against=timm", "--timm_model=resnet26",
                 "--timm_python=/nonexistent/python")
