@@ -6,9 +6,11 @@ convolutions, :mod:`~hybrid_attn.models.layers.dense`'s matrix product,
 numerically equal forms of one op, one for XLA:CPU and one for every other backend.
 ``jax.lax.platform_dependent`` would trace and lower every form and let the lowering keep
 one, which lets one traced program be exported for several platforms but doubles the
-tracing and lowering of each switch: with it, tracing and lowering Twins-SVT-S's scan-path
-train step (93 switches) took 5.3 s and CoAtNet-0's 3.9 s (the first trace in a process,
-two threads, a 2-core Xeon, jax 0.10.2), against 3.5 and 3.0 s choosing at trace time.
+tracing and lowering of each switch. Tracing and lowering the scan-path train step
+(``lower_s`` of ``python -m hybrid_attn.bench --mode train --scan --flat_optimizer --threads
+2 --batch 8``, a 2-core Xeon, jax 0.10.2) took 4.3-5.1 s for Twins-SVT-S (93 switches) and
+3.6-3.9 s for CoAtNet-0 with ``jax.lax.platform_dependent``, and 3.3-3.5 and 2.8-2.9 s
+choosing at trace time, the compiled step unchanged.
 
 :func:`platform_dependent` therefore calls the form for ``jax.default_backend()``: the
 platform ``jax.jit`` lowers for unless it is handed devices of another platform, in which
