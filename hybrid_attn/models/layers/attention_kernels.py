@@ -169,31 +169,41 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array 
     the output's ``d`` channels is one cheap pass. One thread, float32, batch 8, forward and
     backward, a 2-core Xeon (AVX-512), jax 0.10.2: Twins-SVT-S's stage-1 GSA core (3136
     queries, 49 keys, 2 heads of 32) 32.9 -> 25.6 ms, CoAtNet-0's stage-3 core with its bias
-    (196 x 196, 8 heads) 23.2 -> 16.9 ms. Not differentiated (inference) it is XLA's
-    ``jax.nn.dot_product_attention``, the faster forward on its own.
+    (196 x 196, 8 heads) 23.2 -> 16.9 ms. Differentiated, its operands are also head-major
+    (``[B, heads, N, d]``, one transpose each way; see :func:`dot_product_attention`):
+    forward and backward, one / two threads, Twins-SVT-S's stage-1 GSA core 34.9 -> 21.9 /
+    26.5 -> 14.3 ms, stage 3 (196 queries, 8 heads) 7.7 -> 5.8 / 6.4 -> 4.9 ms, CoAtNet-0's
+    stage-3 core with its bias 26.3 -> 20.4 / 30.2 -> 22.2 ms. Not differentiated
+    (inference) it is XLA's ``jax.nn.dot_product_attention``, the faster forward on its own
+    at two threads.
     """
     return jax.nn.dot_product_attention(q, k, v, bias, scale=scale, implementation="xla")
 
 
 def _softmax_attention_fwd(q, k, v, bias, scale):
-    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=jnp.float32) * scale
+    # Head-major ([B, heads, N, d]) operands and residuals, as in dot_product_attention: one
+    # transpose of q, k, v and the output, and of the three gradients in the backward.
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+    logits = jnp.einsum("bhnd,bhmd->bhnm", q, k, preferred_element_type=jnp.float32) * scale
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     weights = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhnm,bmhd->bnhd", weights.astype(v.dtype), v)
-    return out, (q, k, v, bias, weights, out)
+    out = jnp.einsum("bhnm,bhmd->bhnd", weights.astype(v.dtype), v)
+    return jnp.swapaxes(out, 1, 2), (q, k, v, bias, weights, out)
 
 
 def _softmax_attention_bwd(scale, residuals, d_out):
-    q, k, v, bias, weights, out = residuals
-    d_v = jnp.einsum("bhnm,bnhd->bmhd", weights.astype(d_out.dtype), d_out)
-    d_weights = jnp.einsum("bnhd,bmhd->bhnm", d_out, v, preferred_element_type=jnp.float32)
-    row = jnp.einsum("bnhd,bnhd->bhn", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    q, k, v, bias, weights, out = residuals  # head-major
+    d_out = jnp.swapaxes(d_out, 1, 2)
+    d_v = jnp.einsum("bhnm,bhnd->bhmd", weights.astype(d_out.dtype), d_out)
+    d_weights = jnp.einsum("bhnd,bhmd->bhnm", d_out, v, preferred_element_type=jnp.float32)
+    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     d_logits = weights * (d_weights - row[..., None])
-    d_q = jnp.einsum("bhnm,bmhd->bnhd", d_logits.astype(k.dtype), k) * jnp.asarray(scale, k.dtype)
-    d_k = jnp.einsum("bhnm,bnhd->bmhd", d_logits.astype(q.dtype), q) * jnp.asarray(scale, q.dtype)
+    d_q = jnp.einsum("bhnm,bhmd->bhnd", d_logits.astype(k.dtype), k) * jnp.asarray(scale, k.dtype)
+    d_k = jnp.einsum("bhnm,bhnd->bhmd", d_logits.astype(q.dtype), q) * jnp.asarray(scale, q.dtype)
     d_bias = None if bias is None else _sum_to_shape(d_logits, bias.shape).astype(bias.dtype)
-    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_bias
+    return (jnp.swapaxes(d_q, 1, 2).astype(q.dtype), jnp.swapaxes(d_k, 1, 2).astype(k.dtype),
+            jnp.swapaxes(d_v, 1, 2).astype(v.dtype), d_bias)
 
 
 softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
