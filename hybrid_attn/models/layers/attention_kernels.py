@@ -141,7 +141,7 @@ def _broadcast_batch_fwd(bias, batch):
 
 def _broadcast_batch_bwd(batch, _, ct):
     total = platform_dependent(ct, cpu=_sum_leading_by_halves,
-                                   default=lambda ct: jnp.sum(ct, axis=0))
+                               default=lambda ct: jnp.sum(ct, axis=0))
     return (total[None],)
 
 
