@@ -28,6 +28,15 @@ the timm side runs in a subprocess, ``hybrid_attn/bench_timm.py`` executed by
 in its own environment and a torch thread pool never shares this process with XLA's. The
 JSON line then carries both sides, and a Markdown table row goes to stderr.
 
+``--rounds R`` makes the two sides take turns: after both have compiled and warmed up,
+``--steps`` steps of ours, then of timm eager (and compiled), then the same in reverse
+order, R rounds in all (the timm process serves the requests, ``bench_timm.py --serve``;
+only one side runs at a time). Each round gives a ratio of median step times, and the
+reported ratio is the median over rounds (``round_ratios_vs_*`` lists them): on a shared VM
+whose speed drifts by several per cent within minutes, both sides then see the same
+machine, which one run of each after the other does not give. The default, one round, is
+ours' steps then timm's.
+
 ``--threads N`` pins this process (and so the timm subprocess, which also calls
 ``torch.set_num_threads(N)``) to N CPUs before XLA starts. CPU affinity is what limits
 XLA:CPU: it sizes its thread pools from the allowed CPUs, whereas
@@ -56,8 +65,11 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +97,8 @@ flags.DEFINE_string("timm_python", None,
                     "(default $HYBRID_ATTN_TIMM_PYTHON, else this python).")
 flags.DEFINE_string("timm_model", None, "timm model name (default: TIMM_NAMES[--model]).")
 flags.DEFINE_bool("timm_compile", True, "Also time timm under torch.compile.")
+flags.DEFINE_integer("rounds", 1, "With --against timm: time --steps steps of each side in "
+                     "turn, this many rounds (ABBA order); ratios are medians over rounds.")
 flags.DEFINE_enum("remat", None, ["none", "block"],
                   "Rematerialisation policy, where the model has a `remat` field.")
 flags.DEFINE_bool("scan", None, "Scan over a stage's repeated blocks, where the model has a "
@@ -121,15 +135,21 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _time(compiled, args, steps: int, warmup: int) -> tuple[float, float]:
-    """Median (wall, process CPU) seconds per call after ``warmup`` untimed calls."""
+def _timed(step: Callable[[], Any], steps: int) -> tuple[list[float], list[float]]:
+    """(wall, process CPU) seconds of each of ``steps`` calls of ``step``."""
     walls, cpus = [], []
-    for i in range(warmup + steps):
+    for _ in range(steps):
         t0, c0 = time.perf_counter(), _cpu_seconds()
-        jax.block_until_ready(compiled(*args))
-        if i >= warmup:
-            walls.append(time.perf_counter() - t0)
-            cpus.append(_cpu_seconds() - c0)
+        jax.block_until_ready(step())
+        walls.append(time.perf_counter() - t0)
+        cpus.append(_cpu_seconds() - c0)
+    return walls, cpus
+
+
+def _time(step: Callable[[], Any], steps: int, warmup: int) -> tuple[float, float]:
+    """Median (wall, process CPU) seconds per call after ``warmup`` untimed calls."""
+    _timed(step, warmup)
+    walls, cpus = _timed(step, steps)
     return statistics.median(walls), statistics.median(cpus)
 
 
@@ -188,7 +208,7 @@ def run_layer_benchmark(layer: str, feature_map: str, batch: int, mode: str,
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(params, x).compile()
     compile_s = time.perf_counter() - t0
-    step_s, _ = _time(compiled, (params, x), steps, warmup)
+    step_s, _ = _time(lambda: compiled(params, x), steps, warmup)
     return {
         "layer": layer, "mode": mode, "map": [h, w, c], "batch": batch, "dtype": dtype,
         "device": jax.devices()[0].device_kind,
@@ -200,11 +220,12 @@ def run_layer_benchmark(layer: str, feature_map: str, batch: int, mode: str,
     }
 
 
-def run_benchmark(model_name: str, res: int, batch: int, mode: str, dtype: str = "float32",
-                  steps: int = 10, warmup: int = 2, num_classes: int = 1000,
-                  remat: str | None = None, scan: bool | None = None,
-                  flat_optimizer: bool = False, light_codegen: bool = True) -> dict:
-    """Compiles and times the step; returns the measurements as a dict.
+def prepare_benchmark(model_name: str, res: int, batch: int, mode: str, dtype: str = "float32",
+                      num_classes: int = 1000, remat: str | None = None,
+                      scan: bool | None = None, flat_optimizer: bool = False,
+                      light_codegen: bool = True) -> tuple[dict, Callable[[], Any]]:
+    """Builds and compiles the step: (what :func:`run_benchmark` reports apart from the
+    timings, a function that runs one step and blocks until it is done).
     ``light_codegen``: ``train.create_train_state``'s and ``train.make_train_step``'s."""
     mesh = sharding.make_mesh()
     sharding.check_batch_size(batch, mesh, "--batch")
@@ -247,22 +268,18 @@ def run_benchmark(model_name: str, res: int, batch: int, mode: str, dtype: str =
     if mode == "train":  # the step donates its state: thread it through the calls
         holder = {"state": args[0]}
 
-        def step_fn(_, batch):
-            holder["state"], metrics = compiled(holder["state"], batch)
+        def call():
+            holder["state"], metrics = compiled(holder["state"], batch_data)
             return metrics
-
-        step_s, cpu_s = _time(step_fn, args, steps, warmup)
     else:
-        step_s, cpu_s = _time(compiled, args, steps, warmup)
+        def call():
+            return compiled(*args)
+
     memory = compiled.memory_analysis()
-    stats = jax.devices()[0].memory_stats() or {}
     return {
         "model": model_name, "mode": mode, "res": res, "batch": batch, "dtype": dtype,
         "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
         "params": sum(x.size for x in jax.tree_util.tree_leaves(state.params)),
-        "img_per_s": round(batch / step_s, 2),
-        "step_ms": round(step_s * 1e3, 2),
-        "cpu_ms": round(cpu_s * 1e3, 2),
         "cpus": len(os.sched_getaffinity(0)),
         "compile_s": round(compile_s, 2),  # tracing + lowering + XLA compile
         "lower_s": round(lower_s, 2),  # tracing + lowering to StableHLO alone
@@ -275,10 +292,31 @@ def run_benchmark(model_name: str, res: int, batch: int, mode: str, dtype: str =
         # XLA analyses the per-device program; data parallelism splits the work evenly.
         "flops_per_step": _flops(compiled) * mesh.devices.size,
         "temp_memory_bytes": getattr(memory, "temp_size_in_bytes", None),
-        "peak_memory_bytes": stats.get("peak_bytes_in_use"),
         **({"flat_optimizer": True} if mode == "train" and flat_optimizer else {}),
         **notes,
-    }
+    }, lambda: jax.block_until_ready(call())
+
+
+def run_benchmark(model_name: str, res: int, batch: int, mode: str, dtype: str = "float32",
+                  steps: int = 10, warmup: int = 2, num_classes: int = 1000,
+                  remat: str | None = None, scan: bool | None = None,
+                  flat_optimizer: bool = False, light_codegen: bool = True) -> dict:
+    """Compiles and times the step; returns the measurements as a dict (``img_per_s``,
+    ``step_ms`` and ``cpu_ms`` from the median of ``steps`` steps after ``warmup``)."""
+    info, step = prepare_benchmark(model_name, res, batch, mode, dtype, num_classes, remat,
+                                   scan, flat_optimizer, light_codegen)
+    step_s, cpu_s = _time(step, steps, warmup)
+    return {**info, **_speed(batch, step_s, cpu_s), "peak_memory_bytes": _peak_memory()}
+
+
+def _speed(batch: int, step_s: float, cpu_s: float) -> dict:
+    return {"img_per_s": round(batch / step_s, 2), "step_ms": round(step_s * 1e3, 2),
+            "cpu_ms": round(cpu_s * 1e3, 2)}
+
+
+def _peak_memory() -> int | None:
+    """The device's peak memory in use so far, where the backend reports it (not on CPU)."""
+    return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
 
 
 def timm_python(flag: str | None) -> str:
@@ -296,31 +334,97 @@ def timm_python(flag: str | None) -> str:
     return python
 
 
-def run_timm(python: str, timm_model: str, res: int, batch: int, mode: str, threads: int | None,
-             steps: int, warmup: int, compile_model: bool, num_classes: int) -> list[dict]:
-    """Runs ``bench_timm.py`` under ``python``; one result per run (eager, compiled)."""
-    cmd = [python, str(Path(__file__).with_name("bench_timm.py")), "--model", timm_model,
-           "--res", str(res), "--batch", str(batch), "--mode", mode, "--steps", str(steps),
-           "--warmup", str(warmup), "--num_classes", str(num_classes)]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    if not compile_model:
-        cmd.append("--no-compile")
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
-        raise SystemExit(f"--against timm: {timm_model} failed: {tail[0]}")
-    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+class TimmServer:
+    """``bench_timm.py --serve`` under ``python``: builds timm's runs (eager and, with
+    ``compile_model``, ``torch.compile``) and warms them up once, then times steps on
+    request, so that the two sides can take turns (:func:`run_rounds`)."""
+
+    def __init__(self, python: str, timm_model: str, res: int, batch: int, mode: str,
+                 threads: int | None, warmup: int, compile_model: bool, num_classes: int):
+        cmd = [python, str(Path(__file__).with_name("bench_timm.py")), "--serve",
+               "--model", timm_model, "--res", str(res), "--batch", str(batch), "--mode", mode,
+               "--warmup", str(warmup), "--num_classes", str(num_classes)]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        if not compile_model:
+            cmd.append("--no-compile")
+        self.timm_model = timm_model
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # torch.compile can log a lot
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=self._stderr, text=True)
+        self.runs: list[dict] = self._reply()["ready"]
+
+    def _reply(self) -> dict:
+        for line in self._proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        self._proc.wait()
+        self._stderr.seek(0)
+        tail = self._stderr.read().strip().splitlines()[-1:] or ["no output"]
+        raise SystemExit(f"--against timm: {self.timm_model} failed: {tail[0]}")
+
+    def time(self, compiled: bool, steps: int) -> tuple[list[float], list[float]]:
+        """(wall, process CPU) seconds of each of ``steps`` steps of one run."""
+        self._proc.stdin.write(json.dumps({"compiled": compiled, "steps": steps}) + "\n")
+        self._proc.stdin.flush()
+        reply = self._reply()
+        return reply["walls"], reply["cpus"]
+
+    def close(self) -> None:
+        if self._proc.stdin and not self._proc.stdin.closed:
+            self._proc.stdin.close()
+        self._proc.wait()
+        self._stderr.close()
 
 
-def compare(ours: dict, timm_runs: list[dict]) -> dict:
-    """``ours`` with the timm runs and the speed ratios (>1: ours faster) added."""
-    out = dict(ours)
-    for run in timm_runs:
-        key = "timm_compiled" if run["compiled"] else "timm_eager"
-        out[key] = run
-        out[f"ratio_vs_{key}"] = round(ours["img_per_s"] / run["img_per_s"], 3)
-        out[f"cpu_ratio_vs_{key}"] = round(run["cpu_ms"] / ours["cpu_ms"], 3)
+def run_key(run: dict) -> str:
+    """``timm_compiled`` or ``timm_eager``: the JSON key of one timm run."""
+    return "timm_compiled" if run["compiled"] else "timm_eager"
+
+
+Rounds = tuple[list[list[float]], list[list[float]]]  # (walls, cpus), one list per round
+
+
+def run_rounds(ours: Callable[[], Any], timm: TimmServer, rounds: int,
+               steps: int) -> tuple[Rounds, dict[str, tuple[dict, Rounds]]]:
+    """Times ``steps`` steps of each side in turn, ``rounds`` times: ours, timm eager, timm
+    compiled, then the reverse (ABBA), so that a machine whose speed drifts during the run
+    slows both sides alike. Returns ours' times and, per timm run key, (its info, its
+    times); only one side runs at a time (the other waits, idle)."""
+    sides = ["ours"] + [run_key(r) for r in timm.runs]
+    times: dict[str, Rounds] = {k: ([], []) for k in sides}
+    for r in range(rounds):
+        for side in sides if r % 2 == 0 else sides[::-1]:
+            walls, cpus = (_timed(ours, steps) if side == "ours"
+                           else timm.time(side == "timm_compiled", steps))
+            times[side][0].append(walls)
+            times[side][1].append(cpus)
+    return times.pop("ours"), {run_key(r): (r, times[run_key(r)]) for r in timm.runs}
+
+
+def compare(ours: dict, ours_times: Rounds, timm_runs: dict[str, tuple[dict, Rounds]]) -> dict:
+    """``ours`` (with ``batch``) given its speed and each timm run's, and the ratios (>1:
+    ours faster). Speeds are medians over all timed steps. A ratio is the median over
+    rounds of that round's ratio of median step times: ``ratio_vs_*`` in wall time
+    (images/s, ours / timm), ``cpu_ratio_vs_*`` in process CPU time (timm / ours);
+    ``round_ratios_vs_*`` lists each round's wall-time ratio."""
+    def med(rounds: list[list[float]]) -> float:
+        return statistics.median(v for r in rounds for v in r)
+
+    def per_round(theirs: list[list[float]], mine: list[list[float]]) -> list[float]:
+        return [statistics.median(t) / statistics.median(o)
+                for t, o in zip(theirs, mine, strict=True)]
+
+    batch = ours["batch"]
+    out = {**ours, **_speed(batch, med(ours_times[0]), med(ours_times[1])),
+           "rounds": len(ours_times[0])}
+    for key, (info, (walls, cpus)) in timm_runs.items():
+        out[key] = {**info, "img_per_s": round(batch / med(walls), 3),
+                    "step_ms": round(med(walls) * 1e3, 1), "cpu_ms": round(med(cpus) * 1e3, 1)}
+        ratios = per_round(walls, ours_times[0])
+        out[f"ratio_vs_{key}"] = round(statistics.median(ratios), 3)
+        out[f"cpu_ratio_vs_{key}"] = round(statistics.median(per_round(cpus, ours_times[1])), 3)
+        out[f"round_ratios_vs_{key}"] = [round(v, 3) for v in ratios]
     return out
 
 
@@ -350,24 +454,33 @@ def main(argv: list[str]) -> None:
                                      FLAGS.dtype, FLAGS.steps, FLAGS.warmup)
         print(json.dumps({**result, "malloc": malloc}))
         return
-    python = None
-    if FLAGS.against == "timm":
-        timm_model = FLAGS.timm_model or TIMM_NAMES.get(FLAGS.model)
-        if timm_model is None:
-            raise SystemExit(f"--against timm: no timm counterpart for {FLAGS.model!r}; pass "
-                             f"--timm_model (known: {', '.join(sorted(TIMM_NAMES))})")
-        python = timm_python(FLAGS.timm_python)
-    result = run_benchmark(FLAGS.model, FLAGS.res, FLAGS.batch, FLAGS.mode, FLAGS.dtype,
-                           FLAGS.steps, FLAGS.warmup, FLAGS.num_classes, FLAGS.remat,
-                           FLAGS.scan, FLAGS.flat_optimizer, FLAGS.light_codegen)
-    result["malloc"] = malloc
-    if python is not None:
-        runs = run_timm(python, timm_model, FLAGS.res, FLAGS.batch, FLAGS.mode, FLAGS.threads,
-                        FLAGS.steps, FLAGS.warmup, FLAGS.timm_compile, FLAGS.num_classes)
-        result = compare(result, runs)
-        result["timm_same_architecture"] = (
-            None if FLAGS.timm_model else FLAGS.model not in NEAREST_ONLY)
-        print(TABLE_HEADER, table_row(result), sep="\n", file=sys.stderr)
+    if FLAGS.rounds < 1 or (FLAGS.rounds > 1 and FLAGS.against is None):
+        raise SystemExit(f"--rounds must be 1, or more with --against timm; got {FLAGS.rounds}")
+    if FLAGS.against is None:
+        result = run_benchmark(FLAGS.model, FLAGS.res, FLAGS.batch, FLAGS.mode, FLAGS.dtype,
+                               FLAGS.steps, FLAGS.warmup, FLAGS.num_classes, FLAGS.remat,
+                               FLAGS.scan, FLAGS.flat_optimizer, FLAGS.light_codegen)
+        print(json.dumps({**result, "malloc": malloc}))
+        return
+    timm_model = FLAGS.timm_model or TIMM_NAMES.get(FLAGS.model)
+    if timm_model is None:
+        raise SystemExit(f"--against timm: no timm counterpart for {FLAGS.model!r}; pass "
+                         f"--timm_model (known: {', '.join(sorted(TIMM_NAMES))})")
+    python = timm_python(FLAGS.timm_python)
+    info, step = prepare_benchmark(FLAGS.model, FLAGS.res, FLAGS.batch, FLAGS.mode,
+                                   FLAGS.dtype, FLAGS.num_classes, FLAGS.remat, FLAGS.scan,
+                                   FLAGS.flat_optimizer, FLAGS.light_codegen)
+    _timed(step, FLAGS.warmup)
+    timm = TimmServer(python, timm_model, FLAGS.res, FLAGS.batch, FLAGS.mode, FLAGS.threads,
+                      FLAGS.warmup, FLAGS.timm_compile, FLAGS.num_classes)
+    try:
+        ours_times, timm_runs = run_rounds(step, timm, FLAGS.rounds, FLAGS.steps)
+    finally:
+        timm.close()
+    result = compare(info, ours_times, timm_runs)
+    result.update(peak_memory_bytes=_peak_memory(), malloc=malloc, timm_same_architecture=(
+        None if FLAGS.timm_model else FLAGS.model not in NEAREST_ONLY))
+    print(TABLE_HEADER, table_row(result), sep="\n", file=sys.stderr)
     print(json.dumps(result))
 
 
