@@ -28,9 +28,9 @@ the timm side runs in a subprocess, ``hybrid_attn/bench_timm.py`` executed by
 in its own environment and a torch thread pool never shares this process with XLA's. The
 JSON line then carries both sides, and a Markdown table row goes to stderr.
 
-``--rounds R`` makes the two sides take turns: after both have compiled and warmed up,
-``--steps`` steps of ours, then of timm eager (and compiled), then the same in reverse
-order, R rounds in all (the timm process serves the requests, ``bench_timm.py --serve``;
+``--rounds R`` makes the two sides take turns: after both have compiled, an untimed round
+of ``--warmup`` steps each, then ``--steps`` steps of ours, then of timm eager (and
+compiled), then the same in reverse order, R rounds in all (the timm process serves the requests, ``bench_timm.py --serve``;
 only one side runs at a time). Each round gives a ratio of median step times, and the
 reported ratio is the median over rounds (``round_ratios_vs_*`` lists them): on a shared VM
 whose speed drifts by several per cent within minutes, both sides then see the same
@@ -385,20 +385,24 @@ def run_key(run: dict) -> str:
 Rounds = tuple[list[list[float]], list[list[float]]]  # (walls, cpus), one list per round
 
 
-def run_rounds(ours: Callable[[], Any], timm: TimmServer, rounds: int,
-               steps: int) -> tuple[Rounds, dict[str, tuple[dict, Rounds]]]:
+def run_rounds(ours: Callable[[], Any], timm: TimmServer, rounds: int, steps: int,
+               warmup: int = 0) -> tuple[Rounds, dict[str, tuple[dict, Rounds]]]:
     """Times ``steps`` steps of each side in turn, ``rounds`` times: ours, timm eager, timm
     compiled, then the reverse (ABBA), so that a machine whose speed drifts during the run
-    slows both sides alike. Returns ours' times and, per timm run key, (its info, its
-    times); only one side runs at a time (the other waits, idle)."""
+    slows both sides alike. An untimed round of ``warmup`` steps each comes first, once
+    both sides are built (a side's first steps after the other has allocated its memory
+    can be slow). Returns ours' times and, per timm run key, (its info, its times); only
+    one side runs at a time (the other waits, idle)."""
     sides = ["ours"] + [run_key(r) for r in timm.runs]
     times: dict[str, Rounds] = {k: ([], []) for k in sides}
-    for r in range(rounds):
+    for r in range(-1 if warmup else 0, rounds):
         for side in sides if r % 2 == 0 else sides[::-1]:
-            walls, cpus = (_timed(ours, steps) if side == "ours"
-                           else timm.time(side == "timm_compiled", steps))
-            times[side][0].append(walls)
-            times[side][1].append(cpus)
+            n = warmup if r < 0 else steps
+            walls, cpus = (_timed(ours, n) if side == "ours"
+                           else timm.time(side == "timm_compiled", n))
+            if r >= 0:
+                times[side][0].append(walls)
+                times[side][1].append(cpus)
     return times.pop("ours"), {run_key(r): (r, times[run_key(r)]) for r in timm.runs}
 
 
@@ -470,11 +474,11 @@ def main(argv: list[str]) -> None:
     info, step = prepare_benchmark(FLAGS.model, FLAGS.res, FLAGS.batch, FLAGS.mode,
                                    FLAGS.dtype, FLAGS.num_classes, FLAGS.remat, FLAGS.scan,
                                    FLAGS.flat_optimizer, FLAGS.light_codegen)
-    _timed(step, FLAGS.warmup)
     timm = TimmServer(python, timm_model, FLAGS.res, FLAGS.batch, FLAGS.mode, FLAGS.threads,
                       FLAGS.warmup, FLAGS.timm_compile, FLAGS.num_classes)
     try:
-        ours_times, timm_runs = run_rounds(step, timm, FLAGS.rounds, FLAGS.steps)
+        ours_times, timm_runs = run_rounds(step, timm, FLAGS.rounds, FLAGS.steps,
+                                           FLAGS.warmup)
     finally:
         timm.close()
     result = compare(info, ours_times, timm_runs)

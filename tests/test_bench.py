@@ -91,8 +91,10 @@ def test_rounds_alternate_sides_abba_and_ratios_are_medians_over_rounds():
     def ours():
         order.append("ours")
 
-    ours_times, timm_runs = bench.run_rounds(ours, FakeTimm(), rounds=4, steps=2)
-    assert order == ["ours", "ours", "eager", "compiled", "compiled", "eager", "ours", "ours",
+    ours_times, timm_runs = bench.run_rounds(ours, FakeTimm(), rounds=4, steps=2, warmup=1)
+    # An untimed round of one step each (reverse order: it counts as round -1), then ABBA.
+    assert order[:3] == ["compiled", "eager", "ours"]
+    assert order[3:] == ["ours", "ours", "eager", "compiled", "compiled", "eager", "ours", "ours",
                      "ours", "ours", "eager", "compiled", "compiled", "eager", "ours", "ours"]
     assert len(ours_times[0]) == 4 and all(len(r) == 2 for r in ours_times[0])
     assert set(timm_runs) == {"timm_eager", "timm_compiled"}
@@ -190,7 +192,8 @@ def test_cli_joins_timm_side_and_pins_threads(tmp_path):
     assert r["cpu_ratio_vs_timm_eager"] == pytest.approx(50.0 / r["cpu_ms"], rel=0.5)
     argv, *requests = log.read_text().splitlines()
     assert "--serve" in argv and '"--threads", "1"' in argv
-    # ABBA: eager, compiled; then compiled, eager; then eager, compiled.
+    # ABBA: eager, compiled; then compiled, eager; then eager, compiled (TINY's
+    # --warmup=0: no untimed round).
     assert [json.loads(q)["compiled"] for q in requests] == [False, True, True, False,
                                                               False, True]
     assert r["timm_same_architecture"] is None  # an explicit --timm_model is not vouched for
