@@ -30,6 +30,17 @@ def test_resnet_family_scan_equals_plain():
     check_equal(BoTNet, BOTNET, x, [(True, "none")])
 
 
+def test_one_repeated_block_is_not_a_loop():
+    """RESNET scans stage 2's two repeated blocks with nn.scan; stage 4 has one, which keeps
+    the stacked layout (leading axis 1) but runs without a loop (layers/scan.py)."""
+    x = jnp.zeros((1, 32, 32, 3))
+    model = ResNet(**RESNET, scan_blocks=True)
+    variables = _trace(model, x)
+    assert variables["params"]["stage4"]["blocks"]["block"]["conv1"]["kernel"].shape[0] == 1
+    jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables))
+    assert jaxpr.count("scan[") == 1
+
+
 def test_resnet_scan_errors_and_default_tree():
     x = jnp.zeros((1, 32, 32, 3))
     with pytest.raises(ValueError, match="stage2: scan_blocks cannot scan"):
@@ -48,6 +59,8 @@ def test_resnet_scan_errors_and_default_tree():
 TINY = dict(embed_dims=(8, 8, 8, 8), num_heads=(1, 1, 2, 1), mlp_ratios=(2, 2, 2, 2),
             num_classes=5)
 SVT = dict(TINY, depths=(1, 2, 5, 1), window_sizes=(2, 2, 2, 2))
+# Stage 2 scans one LSA/GSA pair (a single group: no loop, layers/scan.py), stage 3 two.
+SVT_SCAN = dict(SVT, depths=(1, 4, 6, 1))
 PCPVT = dict(TINY, depths=(1, 3, 1, 1))
 
 
@@ -65,7 +78,7 @@ def _pcpvt_unstack(stage, depth):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kw, switches, stack, unstack", [
-    (SVT, [(True, "block")], _svt_stack, _svt_unstack),  # remat alone: CoAtNet, ResNet
+    (SVT_SCAN, [(True, "block")], _svt_stack, _svt_unstack),  # remat alone: CoAtNet, ResNet
     (PCPVT, [(True, "none")], stack_blocks, _pcpvt_unstack),
 ], ids=["svt", "pcpvt"])
 def test_twins_scan_equals_plain(kw, switches, stack, unstack):

@@ -85,6 +85,16 @@ def scanned_blocks(make: BlockFactory, length: int, *, train: bool, remat: str,
     (each body rematerialised when ``remat == "block"``); returns ``x -> y``."""
     check_remat(remat)
     body = nn.remat(_Repeat) if remat == "block" else _Repeat
+    if length == 1:
+        # One block: the same variables (leading axis of 1), without a loop. nn.scan would
+        # trace its body twice and compile a one-trip loop around it (Twins-SVT-S's stage
+        # 4 and CoAtNet-0's stages 1 and 4), e.g. Twins-SVT-S's train step (scan path, 2
+        # threads) lowered in 1.3-1.5 s instead of 2.2-2.7 s.
+        single = nn.map_variables(
+            body, mapped_collections=tuple(_AXES), mutable=True,
+            trans_in_fn=lambda v: jax.tree.map(lambda a: a[0], v),
+            trans_out_fn=lambda v: jax.tree.map(lambda a: a[None], v))(make, train, name=name)
+        return lambda x: single(x, None)[0]
     scan = nn.scan(body, variable_axes=_AXES, split_rngs={"params": True, "dropout": True},
                    length=length)(make, train, name=name)
     return lambda x: scan(x, None)[0]
