@@ -30,12 +30,12 @@ JSON line then carries both sides, and a Markdown table row goes to stderr.
 
 ``--rounds R`` makes the two sides take turns: after both have compiled, an untimed round
 of ``--warmup`` steps each, then ``--steps`` steps of ours, then of timm eager (and
-compiled), then the same in reverse order, R rounds in all (the timm process serves the requests, ``bench_timm.py --serve``;
-only one side runs at a time). Each round gives a ratio of median step times, and the
-reported ratio is the median over rounds (``round_ratios_vs_*`` lists them): on a shared VM
-whose speed drifts by several per cent within minutes, both sides then see the same
-machine, which one run of each after the other does not give. The default, one round, is
-ours' steps then timm's.
+compiled), then the same in reverse order, R rounds in all (the timm process serves the
+requests, ``bench_timm.py --serve``; only one side runs at a time). Each round gives a
+ratio of median step times, and the reported ratio is the median over rounds
+(``round_ratios_vs_*`` lists them): on a shared VM whose speed drifts by several per cent
+within minutes, both sides then see the same machine, which one run of each after the
+other does not give. The default, one round, is ours' steps then timm's.
 
 ``--threads N`` pins this process (and so the timm subprocess, which also calls
 ``torch.set_num_threads(N)``) to N CPUs before XLA starts. CPU affinity is what limits

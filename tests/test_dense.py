@@ -52,7 +52,9 @@ def test_weight_gradient_of_a_map_has_no_4d_transpose():
     assert transposes_4d(Dense(32)) == 0
 
 
-@pytest.mark.parametrize("k, n", [(24, 6), (6, 24), (8, 8)])  # narrows, widens, square
+# Narrows (40 rows: the transposed form), narrows with fewer rows than columns (the direct
+# one), widens, square.
+@pytest.mark.parametrize("k, n", [(24, 6), (48, 6), (6, 24), (8, 8)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_matmul_gradients_equal_xla_gradients(k, n, dtype):
     keys = jax.random.split(jax.random.PRNGKey(6), 3)
@@ -73,14 +75,15 @@ def test_matmul_gradients_equal_xla_gradients(k, n, dtype):
             np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=tol, atol=tol * k)
 
 
-def test_matmul_transposes_the_weight_gradient_only_where_the_layer_narrows():
-    def barriers(k, n):
-        x, w = jnp.ones((16, k)), jnp.ones((k, n))
+def test_matmul_transposes_the_weight_gradient_only_where_a_tall_layer_narrows():
+    def barriers(rows, k, n):
+        x, w = jnp.ones((rows, k)), jnp.ones((k, n))
         jaxpr = jax.make_jaxpr(jax.grad(lambda w: jnp.sum(matmul(x, w, impl="narrow_left"))))(w)
         return str(jaxpr).count("optimization_barrier")
 
-    assert barriers(32, 8) == 1  # in > out: (dy^T x)^T, held apart from XLA's simplifier
-    assert barriers(8, 32) == 0
+    assert barriers(64, 32, 8) == 1  # in > out: (dy^T x)^T, held apart from XLA's simplifier
+    assert barriers(16, 32, 8) == 0  # fewer rows than columns: the direct product
+    assert barriers(64, 8, 32) == 0
 
 
 def test_matmul_rejects_mismatched_shapes():
