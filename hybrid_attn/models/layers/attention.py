@@ -42,6 +42,7 @@ from hybrid_attn.models.layers.attention_kernels import (
     dense_block_weights,
     dot_product_attention,
     fused_dot_product_attention,
+    unpack_planes,
 )
 from hybrid_attn.models.layers.conv import Conv
 from hybrid_attn.models.layers.dense import Dense
@@ -210,8 +211,7 @@ class Blocked:
         same result, no q/k/v copies) when keys outside the image are masked; otherwise
         :meth:`attend` (which a subclass may override) of the split."""
         if not layout.mask_outside:
-            return self.attend(qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :],
-                               layout, position, **kw)
+            return self.attend(*unpack_planes(qkv), layout, position, **kw)
         capture = kw.pop("return_weights", False)
         out, weights = blocked_attention_packed(qkv, layout, position=position,
                                                 row_chunk=self.row_chunk,

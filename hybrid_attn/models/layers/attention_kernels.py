@@ -381,6 +381,14 @@ def blocked_attention(
                               dropout_rng=dropout_rng, return_weights=return_weights)
 
 
+def unpack_planes(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]`` of a packed ``qkv [...,
+    3, heads, d]``, as one split: its gradient is one concatenation of the three, where
+    three index slices have three zero-padded gradients summed (XLA:CPU wrote each pad, fused
+    with its transpose, over the whole packed map)."""
+    return tuple(t[..., 0, :, :] for t in jnp.split(qkv, 3, axis=-3))
+
+
 def blocked_attention_packed(qkv: jax.Array, layout: BlockLayout,
                              **kwargs: Any) -> tuple[jax.Array, jax.Array | None]:
     """:func:`blocked_attention` of ``q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :],
@@ -396,8 +404,7 @@ def blocked_attention_packed(qkv: jax.Array, layout: BlockLayout,
         raise ValueError(f"blocked_attention_packed expects qkv [B, H, W, 3, heads, d], got "
                          f"{qkv.shape}")
     if not layout.mask_outside:
-        return blocked_attention(qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :],
-                                 layout, **kwargs)
+        return blocked_attention(*unpack_planes(qkv), layout, **kwargs)
     return _blocked_attention(qkv, layout, **kwargs)
 
 
