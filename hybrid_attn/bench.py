@@ -61,7 +61,6 @@ if __name__ == "__main__":  # before jax loads: glibc tunables are read at proce
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -75,7 +74,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from hybrid_attn import optim, sharding, train
+from hybrid_attn import bench_timm, optim, sharding, train
 from hybrid_attn.models import get_model
 
 FLAGS = flags.FLAGS
@@ -130,20 +129,11 @@ def _flops(compiled) -> float | None:
     return float(analysis["flops"]) if analysis and "flops" in analysis else None
 
 
-def _cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def _timed(step: Callable[[], Any], steps: int) -> tuple[list[float], list[float]]:
-    """(wall, process CPU) seconds of each of ``steps`` calls of ``step``."""
-    walls, cpus = [], []
-    for _ in range(steps):
-        t0, c0 = time.perf_counter(), _cpu_seconds()
-        jax.block_until_ready(step())
-        walls.append(time.perf_counter() - t0)
-        cpus.append(_cpu_seconds() - c0)
-    return walls, cpus
+    """(wall, process CPU) seconds of each of ``steps`` calls of ``step`` (blocked on):
+    the timm side's timing loop, so both sides are timed alike."""
+    t = bench_timm.timed(lambda: jax.block_until_ready(step()), steps)
+    return t["walls"], t["cpus"]
 
 
 def _time(step: Callable[[], Any], steps: int, warmup: int) -> tuple[float, float]:

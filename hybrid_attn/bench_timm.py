@@ -47,19 +47,24 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def time_steps(step, steps: int, warmup: int) -> tuple[float, float, float]:
-    """(first call s, median wall s, median CPU s) per step after ``warmup`` calls."""
-    walls, cpus, first = [], [], 0.0
-    for i in range(1 + warmup + steps):
+def timed(step, steps: int) -> dict:
+    """Wall and CPU seconds of each of ``steps`` calls (also ``bench.py``'s timing loop:
+    this file imports nothing that needs torch at module level)."""
+    walls, cpus = [], []
+    for _ in range(steps):
         t0, c0 = time.perf_counter(), cpu_seconds()
         step()
-        wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-        if i == 0:
-            first = wall
-        elif i > warmup:
-            walls.append(wall)
-            cpus.append(cpu)
-    return first, statistics.median(walls), statistics.median(cpus)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(cpu_seconds() - c0)
+    return {"walls": walls, "cpus": cpus}
+
+
+def time_steps(step, steps: int, warmup: int) -> tuple[float, float, float]:
+    """(first call s, median wall s, median CPU s) per step after ``warmup`` calls."""
+    first = timed(step, 1)["walls"][0]
+    timed(step, warmup)
+    t = timed(step, steps)
+    return first, statistics.median(t["walls"]), statistics.median(t["cpus"])
 
 
 def build(model_name: str, res: int, batch: int, mode: str, compile_model: bool,
@@ -112,17 +117,6 @@ def run(model_name: str, res: int, batch: int, mode: str, steps: int, warmup: in
     }
 
 
-def timed(step, steps: int) -> dict:
-    """Wall and CPU seconds of each of ``steps`` calls."""
-    walls, cpus = [], []
-    for _ in range(steps):
-        t0, c0 = time.perf_counter(), cpu_seconds()
-        step()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(cpu_seconds() - c0)
-    return {"walls": walls, "cpus": cpus}
-
-
 def serve(args: argparse.Namespace, stdin=sys.stdin, stdout=sys.stdout) -> None:
     """The rounds protocol of ``bench.py --rounds``: builds each run, calls it once and
     ``--warmup`` times, prints ``{"ready": [info, ...]}`` (compile time included), then
@@ -133,9 +127,7 @@ def serve(args: argparse.Namespace, stdin=sys.stdin, stdout=sys.stdout) -> None:
     for compiled in (False,) if args.no_compile else (False, True):
         step, info = build(args.model, args.res, args.batch, args.mode, compiled,
                            args.num_classes)
-        t0 = time.perf_counter()
-        step()
-        first = time.perf_counter() - t0
+        first = timed(step, 1)["walls"][0]
         warm = timed(step, max(args.warmup, 1))["walls"]
         info["compile_s"] = round(max(first - warm[-1], 0.0), 2) if compiled else None
         runs[compiled] = step
