@@ -259,6 +259,21 @@ def test_windows_tiling_the_map_need_no_scatter_in_the_backward_pass():
     assert "scatter" in grad_hlo((5, 7))
 
 
+def test_windows_tiling_the_map_take_the_planes_without_padded_gradients():
+    """The tiled windows' plain path (no mask, position or dropout) transposes the packed
+    ``qkv`` once and gets its gradient back stacked: no zero-padded gradient per plane,
+    which the stepwise path (a position term forces it) still has."""
+    qkv = jnp.zeros((2, 6, 8, 3, 2, 4))
+    layout = BlockLayout.make((6, 8), (3, 4))
+
+    def grad_jaxpr(**kw):
+        loss = lambda t: jnp.sum(blocked_attention_packed(t, layout, **kw)[0])  # noqa: E731
+        return str(jax.make_jaxpr(jax.grad(loss))(qkv))
+
+    assert " pad" not in grad_jaxpr()
+    assert " pad" in grad_jaxpr(position=lambda q: jnp.zeros(()))  # the check can fail
+
+
 def test_bfloat16_compute_stays_close_to_float32():
     x = np.random.default_rng(5).normal(size=(1, 6, 6, 8)).astype(np.float32)
     layer = LocalSelfAttention(8, num_heads=2, kernel_size=3)
