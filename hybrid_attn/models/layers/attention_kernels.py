@@ -196,9 +196,9 @@ def _attention_bwd(scale, q, k, v, weights, out, d_out):
     d_weights = jnp.einsum("...nd,...md->...nm", d_out, v, preferred_element_type=jnp.float32)
     row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     d_logits = weights * (d_weights - row[..., None])
-    d_s = d_logits * scale
-    d_q = jnp.einsum("...nm,...md->...nd", d_s.astype(k.dtype), k)
-    d_k = jnp.einsum("...nm,...nd->...md", d_s.astype(q.dtype), q)
+    d_s = d_logits.astype(q.dtype)
+    d_q = jnp.einsum("...nm,...md->...nd", d_s, k) * jnp.asarray(scale, k.dtype)
+    d_k = jnp.einsum("...nm,...nd->...md", d_s, q) * jnp.asarray(scale, q.dtype)
     return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_logits
 
 
