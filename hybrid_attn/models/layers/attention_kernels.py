@@ -602,8 +602,8 @@ def _tiled_window_attention(source: jax.Array | tuple[jax.Array, jax.Array, jax.
 
     Against the stepwise path (per-plane slices and transposes, autodiff of the softmax),
     compiled both ways in one process and alternated, batch 8, 224x224, float32, 2-core
-    Xeon: Twins-SVT-S's train step 1613 -> 1586 ms at one thread, 882 -> 866 ms at two; its
-    forward pass 414 -> 410 / 249 -> 245 ms.
+    Xeon: Twins-SVT-S's train step 1613 -> 1586 and 1600 -> 1576 ms at one thread (two
+    runs), 882 -> 866 and 942 -> 925 ms at two; its forward pass 414 -> 410 / 249 -> 245 ms.
     """
     qkv = source if not isinstance(source, tuple) else jnp.stack(source, axis=3)
     b, h, w, _, heads, d = qkv.shape
