@@ -18,6 +18,7 @@ from conftest import softmax
 from hybrid_attn.convert.timm import convert_timm
 from hybrid_attn.models import get_model
 from hybrid_attn.models.layers.attention import Attention, Blocked, Subsampled
+from hybrid_attn.models.layers.norm import LayerNorm
 from hybrid_attn.models.layers.position_encoding import PositionEncodingGenerator
 from hybrid_attn.models.layers.regularization import DropPath
 from hybrid_attn.models.twins import Twins, TwinsBlock
@@ -123,7 +124,7 @@ def test_stage_layout_one_peg_after_first_block(name, lsa):
 def test_layer_norm_epsilons_are_published():
     """1e-5 in patch embeddings and after the GSA sub-sampling conv, 1e-6 elsewhere."""
     eps = {m.path: m.epsilon for m in _calls(get_model("twins_svt_s"))
-           if isinstance(m, nn.LayerNorm)}
+           if isinstance(m, LayerNorm)}
     for path, e in eps.items():
         published = 1e-5 if path[-2:] in {("patch_embed", "norm"), ("attn", "norm")} else 1e-6
         assert e == published, path

@@ -42,7 +42,7 @@ from hybrid_attn.models.layers.dense import Dense
 from hybrid_attn.models.layers.layer_scale import LayerScale
 from hybrid_attn.models.layers.mbconv import ConvStem, MBConv, StrideAt
 from hybrid_attn.models.layers.mlp import Mlp
-from hybrid_attn.models.layers.norm import batch_norm
+from hybrid_attn.models.layers.norm import LayerNorm, batch_norm
 from hybrid_attn.models.layers.pooling import avg_pool2
 from hybrid_attn.models.layers.regularization import DropPath, drop_path_rates
 from hybrid_attn.models.layers.relative_bias import RelativeBias2D
@@ -54,10 +54,10 @@ BlockFactory = Callable[..., nn.Module]
 REDUCTION = 32  # total stride: the stem and four stages each halve the resolution
 
 
-def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str) -> LayerNorm:
     """LayerNorm with eps 1e-6 (timm's CoAtNet) and two-pass float32 statistics."""
-    return nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=dtype,
-                        param_dtype=param_dtype, name=name)
+    return LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=dtype,
+                     param_dtype=param_dtype, name=name)
 
 
 def channel_norm(kind: NormKind, train: bool, dtype: Dtype, param_dtype: Dtype,

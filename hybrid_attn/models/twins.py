@@ -41,6 +41,7 @@ import jax.numpy as jnp
 
 from hybrid_attn.models.layers.attention import Attention, Blocked, Subsampled
 from hybrid_attn.models.layers.mlp import Mlp
+from hybrid_attn.models.layers.norm import LayerNorm
 from hybrid_attn.models.layers.patch_embed import PatchEmbed
 from hybrid_attn.models.layers.position_encoding import PositionEncodingGenerator
 from hybrid_attn.models.layers.regularization import DropPath, drop_path_rates
@@ -84,9 +85,9 @@ class TwinsBlock(nn.Module):
                               padding="mask" if self.lsa_mask_padding else "zero_tokens")
         attn = Attention(num_heads=self.num_heads, out_features=c, pattern=pattern,
                          name="attn", **kw)
-        y = nn.LayerNorm(epsilon=self.norm_eps, name="norm1", **kw)(x)
+        y = LayerNorm(epsilon=self.norm_eps, name="norm1", **kw)(x)
         x = x + DropPath(self.drop_path_rate, name="drop_path1")(attn(y, train=train), train=train)
-        y = nn.LayerNorm(epsilon=self.norm_eps, name="norm2", **kw)(x)
+        y = LayerNorm(epsilon=self.norm_eps, name="norm2", **kw)(x)
         y = Mlp(int(c * self.mlp_ratio), name="mlp", **kw)(y, train=train)
         return x + DropPath(self.drop_path_rate, name="drop_path2")(y, train=train)
 
@@ -245,7 +246,7 @@ class Twins(nn.Module):
                 drop_path_rates=rates[k], remat=self.remat, scan_blocks=self.scan_blocks,
                 name=f"stage{k + 1}", **kw,
             )(x, train=train)
-        x = nn.LayerNorm(epsilon=self.norm_eps, name="norm", **kw)(x)
+        x = LayerNorm(epsilon=self.norm_eps, name="norm", **kw)(x)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
         x = nn.Dense(self.num_classes, name="head", **kw)(x)
         return x.astype(jnp.float32)

@@ -46,6 +46,7 @@ from hybrid_attn.models.layers.attention_kernels import (
 )
 from hybrid_attn.models.layers.conv import Conv
 from hybrid_attn.models.layers.dense import Dense
+from hybrid_attn.models.layers.norm import LayerNorm
 from hybrid_attn.models.layers.pooling import avg_pool2
 from hybrid_attn.models.layers.position import Grid, LogitTerm, PositionTable
 
@@ -141,7 +142,7 @@ class Subsampled(Global):
                              f"got {h}x{w}; use a larger input")
         kw = dict(dtype=module.dtype, param_dtype=module.param_dtype)
         kv = Conv(c, (r, r), strides=(r, r), padding="VALID", name="sr", **kw)(x)
-        return x, nn.LayerNorm(epsilon=self.norm_eps, name="norm", **kw)(kv)
+        return x, LayerNorm(epsilon=self.norm_eps, name="norm", **kw)(kv)
 
 
 @dataclasses.dataclass(frozen=True)

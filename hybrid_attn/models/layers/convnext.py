@@ -13,6 +13,7 @@ from hybrid_attn.models.layers.conv import DepthwiseConv
 from hybrid_attn.models.layers.layer_scale import LayerScale
 from hybrid_attn.models.layers.mbconv import conv_init, depthwise_init
 from hybrid_attn.models.layers.mlp import Mlp
+from hybrid_attn.models.layers.norm import LayerNorm
 from hybrid_attn.models.layers.pooling import avg_pool2
 from hybrid_attn.models.layers.regularization import DropPath
 
@@ -65,7 +66,7 @@ class ConvNeXtBlock(nn.Module):
             y = nn.Conv(self.features, (k, k), self.strides, padding=((p, p), (p, p)),
                         feature_group_count=channels, kernel_init=depthwise_init,
                         name="dw_conv", **kw)(x)
-        y = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, name="norm", **kw)(y)
+        y = LayerNorm(epsilon=1e-6, use_fast_variance=False, name="norm", **kw)(y)
         y = Mlp(int(self.mlp_ratio * self.features), name="mlp", **kw)(y, train=train)
         if self.layer_scale is not None:
             y = LayerScale(self.layer_scale, self.param_dtype, name="layer_scale")(y)

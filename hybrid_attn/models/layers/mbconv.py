@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from hybrid_attn.models.layers.activation import gelu
 from hybrid_attn.models.layers.conv import Conv, DepthwiseConv
-from hybrid_attn.models.layers.norm import batch_norm
+from hybrid_attn.models.layers.norm import LayerNorm, batch_norm
 from hybrid_attn.models.layers.pooling import avg_pool2
 from hybrid_attn.models.layers.regularization import DropPath
 from hybrid_attn.models.layers.squeeze_excite import SqueezeExcite
@@ -60,8 +60,8 @@ class ConvStem(nn.Module):
         )
         x = conv(self.hidden_features or self.features, 2, "conv1")(x)
         if self.norm == "layer":
-            norm = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
-                                param_dtype=self.param_dtype, name="norm1")
+            norm = LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name="norm1")
         else:
             norm = batch_norm(train, self.dtype, self.param_dtype, "norm1")
         x = self.activation(norm(x))

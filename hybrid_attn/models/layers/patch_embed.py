@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_attn.models.layers.conv import Conv
+from hybrid_attn.models.layers.norm import LayerNorm
 
 Dtype = Any
 
@@ -44,5 +45,5 @@ class PatchEmbed(nn.Module):
             )
         x = Conv(self.features, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                  param_dtype=self.param_dtype, name="proj")(x)
-        return nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name="norm")(x)
+        return LayerNorm(epsilon=self.norm_eps, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name="norm")(x)

@@ -1,0 +1,121 @@
+"""layers/norm.py's LayerNorm against flax.linen.LayerNorm and a float64 loop: the same
+parameters, the same forward pass, and on CPU a written-out backward pass whose gradients
+equal autodiff of flax's."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hybrid_attn.models.layers import norm
+
+
+def _reference(x, scale, bias, eps):
+    """Float64 LayerNorm over the last axis, row by row (two-pass variance)."""
+    x = np.asarray(x, np.float64)
+    rows = x.reshape(-1, x.shape[-1])
+    out = np.empty_like(rows)
+    for i, row in enumerate(rows):
+        mean = row.sum() / row.size
+        var = ((row - mean) ** 2).sum() / row.size
+        out[i] = (row - mean) / np.sqrt(var + eps) * scale + bias
+    return out.reshape(x.shape)
+
+
+def _inputs(shape, dtype=jnp.float32):
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    # An offset mean, so that the fast (one-pass) variance is exercised away from zero.
+    x = (3.0 + 2.0 * jax.random.normal(k[0], shape)).astype(dtype)
+    scale = 1.0 + 0.1 * jax.random.normal(k[1], shape[-1:])
+    bias = 0.1 * jax.random.normal(k[2], shape[-1:])
+    d_y = jax.random.normal(k[3], shape).astype(dtype)
+    return x, {"params": {"scale": scale, "bias": bias}}, d_y
+
+
+def test_parameters_equal_flax():
+    x = jnp.ones((2, 5, 7))
+    ours = norm.LayerNorm(epsilon=1e-5).init(jax.random.PRNGKey(0), x)
+    theirs = nn.LayerNorm(epsilon=1e-5).init(jax.random.PRNGKey(0), x)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), ours) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), theirs)
+    jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("shape", [(4, 6, 6, 32), (50, 256)])
+def test_forward_and_gradients_equal_flax_and_a_float64_loop(shape, fast):
+    eps = 1e-6
+    x, variables, d_y = _inputs(shape)
+    ours = norm.LayerNorm(epsilon=eps, use_fast_variance=fast)
+    flax_ln = nn.LayerNorm(epsilon=eps, use_fast_variance=fast)
+    expected = _reference(x, *(np.asarray(variables["params"][k], np.float64)
+                               for k in ("scale", "bias")), eps)
+
+    def grads(module):
+        y, vjp = jax.vjp(lambda v, x: module.apply(v, x), variables, x)
+        return y, vjp(d_y)
+
+    (y, (d_vars, d_x)), (y_flax, (d_vars_flax, d_x_flax)) = (
+        jax.jit(lambda m=m: grads(m))() for m in (ours, flax_ln))
+    np.testing.assert_allclose(y, expected, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(y, y_flax, rtol=0, atol=2e-5)
+    # The CPU form's gradients are the written-out ones: the same as autodiff of flax's.
+    np.testing.assert_allclose(d_x, d_x_flax, rtol=0, atol=1e-4 * float(jnp.abs(d_x_flax).max()))
+    for k in ("scale", "bias"):
+        ref = d_vars_flax["params"][k]
+        np.testing.assert_allclose(d_vars["params"][k], ref, rtol=1e-4,
+                                   atol=1e-4 * float(jnp.abs(ref).max()))
+    # ... and the analytic gradient of the float64 reference, sum over rows of d_y * x_hat
+    # and of d_y, checked independently of either autodiff.
+    x64 = np.asarray(x, np.float64)
+    x_hat = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + eps)
+    axes = tuple(range(len(shape) - 1))
+    np.testing.assert_allclose(d_vars["params"]["bias"], np.asarray(d_y, np.float64).sum(axes),
+                               rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(d_vars["params"]["scale"], (np.asarray(d_y) * x_hat).sum(axes),
+                               rtol=1e-4, atol=1e-3)
+
+
+def test_input_gradient_equals_finite_differences_in_float64():
+    """The written-out ``dx`` against central differences of the float64 loop."""
+    eps = 1e-6
+    x, variables, d_y = _inputs((3, 8))
+    scale, bias = (np.asarray(variables["params"][k], np.float64) for k in ("scale", "bias"))
+    _, vjp = jax.vjp(lambda x: norm.LayerNorm(epsilon=eps).apply(variables, x), x)
+    (d_x,) = vjp(d_y)
+    x64, d_y64, h = np.asarray(x, np.float64), np.asarray(d_y, np.float64), 1e-6
+    numeric = np.zeros_like(x64)
+    for idx in np.ndindex(x64.shape):
+        plus, minus = x64.copy(), x64.copy()
+        plus[idx] += h
+        minus[idx] -= h
+        numeric[idx] = ((_reference(plus, scale, bias, eps) - _reference(minus, scale, bias, eps))
+                        * d_y64).sum() / (2 * h)
+    np.testing.assert_allclose(d_x, numeric, rtol=1e-3, atol=1e-4)
+
+
+def test_bfloat16_follows_flax_dtypes():
+    x, variables, d_y = _inputs((2, 4, 4, 16), jnp.bfloat16)
+    for dtype in (None, jnp.bfloat16):
+        ours = norm.LayerNorm(dtype=dtype)
+        y, vjp = jax.vjp(ours.apply, variables, x)
+        y_flax = nn.LayerNorm(dtype=dtype).apply(variables, x)
+        assert y.dtype == y_flax.dtype  # float32 (promoted) without a dtype, else bfloat16
+        np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_flax, np.float32),
+                                   atol=3e-2)
+        d_vars, d_x = vjp(d_y.astype(y.dtype))
+        assert d_x.dtype == jnp.bfloat16
+        assert d_vars["params"]["scale"].dtype == jnp.float32
+
+
+def test_cpu_form_is_the_custom_gradient_and_other_backends_get_flax_math():
+    x, variables, _ = _inputs((2, 3, 8))
+    module = norm.LayerNorm(epsilon=1e-5)
+    jaxpr = jax.make_jaxpr(lambda v, x: module.apply(v, x))(variables, x)
+    assert "custom_vjp_call" in {e.primitive.name for e in jaxpr.jaxpr.eqns}
+    # The non-CPU form, run here: flax's computation, to rounding.
+    p = variables["params"]
+    plain = norm._layer_norm(x, p["scale"], p["bias"], 1e-5, True, jnp.float32)
+    np.testing.assert_allclose(plain, nn.LayerNorm(epsilon=1e-5).apply(variables, x),
+                               rtol=0, atol=1e-6)
