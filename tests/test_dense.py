@@ -52,6 +52,22 @@ def test_weight_gradient_of_a_map_has_no_4d_transpose():
     assert transposes_4d(Dense(32)) == 0
 
 
+def test_bias_gradient_sums_the_2d_output_gradient():
+    """The bias joins the 2-D product, so its gradient reduces the same 2-D array that the
+    products' gradients read (a transposed incoming gradient is then transposed once)."""
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, 8, 8, 16))
+
+    def bias_sum_ranks(module):
+        variables = module.init(jax.random.PRNGKey(5), x)
+        jaxpr = jax.make_jaxpr(jax.grad(
+            lambda v: jnp.sum(jnp.transpose(module.apply(v, x), (0, 2, 1, 3)) ** 2)))(variables)
+        return {e.invars[0].aval.ndim for e in jaxpr.jaxpr.eqns
+                if e.primitive.name == "reduce_sum" and e.outvars[0].aval.shape == (32,)}
+
+    assert bias_sum_ranks(nn.Dense(32)) == {4}  # the check below can fail
+    assert bias_sum_ranks(Dense(32)) == {2}
+
+
 # Narrows (40 rows: the transposed form), narrows with fewer rows than columns (the direct
 # one), widens, square.
 @pytest.mark.parametrize("k, n", [(24, 6), (48, 6), (6, 24), (8, 8)])
