@@ -2,6 +2,7 @@
 the final save."""
 
 import os
+import re
 import signal
 
 import flax.linen as nn
@@ -116,3 +117,59 @@ def test_sigterm_during_the_final_save_neither_kills_nor_loses_it(monkeypatch, t
     assert "3" in os.listdir(tmp_path / "run" / "checkpoints")
     loaded = checkpoint.load_variables(str(tmp_path / "run" / "checkpoints" / "3"))
     assert loaded["meta"]["model_name"] == "resnet50"
+
+
+def _entry_parameter_copies(hlo: str) -> list[str]:
+    """Names of the compiled program's parameters that it copies before use."""
+    entry = hlo[hlo.index("ENTRY"):]
+    params = re.findall(r"%([\w.\-]+) = \S+ parameter\(", entry)
+    return [p for p in params if re.search(r"copy\(%" + re.escape(p) + r"\)", entry)]
+
+
+def test_step_updates_the_donated_parameters_in_place():
+    """Every parameter's update waits for the step's finiteness check, so XLA writes the
+    donated buffers in place (only the step counter, read after its increment, is copied),
+    where a plain optax update may run before its layer's input gradient and is copied."""
+    from hybrid_attn.models.twins import Twins
+    model = Twins(depths=(1, 1, 2, 1), embed_dims=(8, 16, 24, 32), num_heads=(2, 2, 3, 4),
+                  mlp_ratios=(4, 4, 4, 4), num_classes=5)
+    tx = optax.adamw(1e-3, weight_decay=0.01)  # no gradient clipping
+    rng = jax.random.PRNGKey(0)
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    state, shardings = train.create_train_state(model, tx, rng, (1, 56, 56, 3), mesh, ema=False)
+    batch = {"image": np.zeros((2, 56, 56, 3), np.float32), "label": np.zeros((2, 5), np.float32)}
+    step = train.make_train_step(model, tx, lambda s: 1e-3, rng, 0.0, shardings, mesh)
+    copied = _entry_parameter_copies(step.lower(state, batch).compile().as_text())
+    assert all("step" in name for name in copied), copied
+
+    def plain(state, batch):  # the check can fail: the same update without the select
+        grads = jax.grad(lambda p: optax.softmax_cross_entropy(
+            model.apply({"params": p}, batch["image"], train=True), batch["label"]).mean())(
+            state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return state.replace(params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state)
+
+    plain_copies = _entry_parameter_copies(
+        jax.jit(plain, donate_argnums=0).lower(state, batch).compile().as_text())
+    assert len(plain_copies) > 10
+
+
+def test_a_non_finite_step_leaves_the_parameters_unchanged():
+    model = Mlp()
+    tx = optax.adamw(1e-2)
+    rng = jax.random.PRNGKey(0)
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    state, shardings = train.create_train_state(model, tx, rng, (1, 4, 4, 3), mesh, ema=False)
+    step = train.make_train_step(model, tx, lambda s: 1e-2, rng, 0.0, shardings, mesh)
+    before = jax.device_get(state.params)
+    image = np.ones((4, 4, 4, 3), np.float32)
+    label = np.eye(10, dtype=np.float32)[:4]
+    state, metrics = step(state, {"image": image, "label": label})
+    assert int(metrics.compute()["first_nonfinite_step"]) == 0  # a finite step moves them
+    moved = jax.device_get(state.params)
+    assert not np.allclose(moved["Dense_0"]["kernel"], before["Dense_0"]["kernel"])
+    image[0, 0, 0, 0] = np.nan
+    state, metrics = step(state, {"image": image, "label": label})
+    assert int(metrics.compute()["first_nonfinite_step"]) == 2
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), moved)
