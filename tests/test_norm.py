@@ -1,6 +1,6 @@
-"""layers/norm.py's LayerNorm against flax.linen.LayerNorm and a float64 loop: the same
-parameters, the same forward pass, and on CPU a written-out backward pass whose gradients
-equal autodiff of flax's."""
+"""layers/norm.py's LayerNorm and BatchNorm against flax.linen's and float64 loops: the same
+variables, the same forward pass (and running statistics), and on CPU a written-out backward
+pass whose gradients equal autodiff of flax's and finite differences."""
 
 import flax.linen as nn
 import jax
@@ -119,3 +119,77 @@ def test_cpu_form_is_the_custom_gradient_and_other_backends_get_flax_math():
     plain = norm._layer_norm(x, p["scale"], p["bias"], 1e-5, True, jnp.float32)
     np.testing.assert_allclose(plain, nn.LayerNorm(epsilon=1e-5).apply(variables, x),
                                rtol=0, atol=1e-6)
+
+
+def _flax_batch_norm(train):
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        force_float32_reductions=True)
+
+
+def _batch_reference(x, scale, bias, eps):
+    """Float64 BatchNorm with batch statistics, channel by channel (two-pass variance)."""
+    rows = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+    out = np.empty_like(rows)
+    for c in range(rows.shape[1]):
+        col = rows[:, c]
+        mean = col.sum() / col.size
+        var = ((col - mean) ** 2).sum() / col.size
+        out[:, c] = (col - mean) / np.sqrt(var + eps) * scale[c] + bias[c]
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("written", [True, False])
+def test_batch_norm_equals_flax_in_training_and_inference(written):
+    x, variables, d_y = _inputs((4, 5, 5, 16))
+    ours = norm.BatchNorm(use_running_average=False, written_backward=written)
+    init = ours.init(jax.random.PRNGKey(0), x)
+    jax.tree.map(np.testing.assert_array_equal, init,
+                 _flax_batch_norm(True).init(jax.random.PRNGKey(0), x))
+    variables = {**variables, "batch_stats": {"mean": jnp.full((16,), 0.5),
+                                              "var": jnp.full((16,), 2.0)}}
+
+    def grads(module):
+        def f(params, x):
+            y, updates = module.apply({**variables, "params": params}, x,
+                                      mutable=["batch_stats"])
+            return y, updates
+        (y, updates), vjp = jax.vjp(f, variables["params"], x)
+        zero_stats = jax.tree.map(jnp.zeros_like, updates)
+        return y, updates, vjp((d_y, zero_stats))
+
+    (y, stats, (d_p, d_x)), (y_f, stats_f, (d_p_f, d_x_f)) = (
+        jax.jit(lambda m=m: grads(m))() for m in (ours, _flax_batch_norm(True)))
+    p = {k: np.asarray(v, np.float64) for k, v in variables["params"].items()}
+    np.testing.assert_allclose(y, _batch_reference(x, p["scale"], p["bias"], 1e-5), atol=2e-5)
+    np.testing.assert_allclose(y, y_f, atol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+                 stats, stats_f)  # running averages, momentum 0.9
+    np.testing.assert_allclose(d_x, d_x_f, atol=1e-4 * float(jnp.abs(d_x_f).max()))
+    for k in ("scale", "bias"):
+        np.testing.assert_allclose(d_p[k], d_p_f[k], rtol=1e-4,
+                                   atol=1e-4 * float(jnp.abs(d_p_f[k]).max()))
+    # Inference: running statistics, as flax's.
+    ours_eval = norm.BatchNorm(use_running_average=True, written_backward=written)
+    np.testing.assert_allclose(ours_eval.apply(variables, x),
+                               _flax_batch_norm(False).apply(variables, x), atol=1e-6)
+    names = {e.primitive.name for e in jax.make_jaxpr(
+        lambda v, x: ours.apply(v, x, mutable=["batch_stats"]))(variables, x).jaxpr.eqns}
+    assert ("custom_vjp_call" in names) == written
+
+
+def test_batch_norm_input_gradient_equals_finite_differences_in_float64():
+    x, variables, d_y = _inputs((3, 2, 2, 4))
+    variables = {**variables, "batch_stats": {"mean": jnp.zeros(4), "var": jnp.ones(4)}}
+    scale, bias = (np.asarray(variables["params"][k], np.float64) for k in ("scale", "bias"))
+    module = norm.BatchNorm(use_running_average=False)
+    _, vjp = jax.vjp(lambda x: module.apply(variables, x, mutable=["batch_stats"])[0], x)
+    (d_x,) = vjp(d_y)
+    x64, d_y64, h = np.asarray(x, np.float64), np.asarray(d_y, np.float64), 1e-6
+    numeric = np.zeros_like(x64)
+    for idx in np.ndindex(x64.shape):
+        plus, minus = x64.copy(), x64.copy()
+        plus[idx] += h
+        minus[idx] -= h
+        numeric[idx] = ((_batch_reference(plus, scale, bias, 1e-5)
+                         - _batch_reference(minus, scale, bias, 1e-5)) * d_y64).sum() / (2 * h)
+    np.testing.assert_allclose(d_x, numeric, rtol=1e-3, atol=1e-4)

@@ -76,7 +76,7 @@ class ConvStem(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         x = conv(self.width, 7, 2, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        x = batch_norm(train, self.dtype, self.param_dtype, "bn")(x)
+        x = batch_norm(train, self.dtype, self.param_dtype, "bn", written_backward=True)(x)
         x = self.activation(x)
         return max_pool3(x)
 
@@ -117,7 +117,8 @@ class BottleneckBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        bn = functools.partial(batch_norm, train, self.dtype, self.param_dtype)
+        bn = functools.partial(batch_norm, train, self.dtype, self.param_dtype,
+                               written_backward=True)
         out_features = self.out_features or 4 * self.features
         y = conv(self.features, 1, name="conv1", **dt)(x)
         y = self.activation(bn("bn1")(y))
