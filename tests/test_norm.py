@@ -23,6 +23,19 @@ def _reference(x, scale, bias, eps):
     return out.reshape(x.shape)
 
 
+def _numeric_vjp(reference, x, d_y, h=1e-6):
+    """``d_y``'s vector-Jacobian product with ``reference`` (a float64 function of ``x``) by
+    central differences, element by element."""
+    x64, d_y64 = np.asarray(x, np.float64), np.asarray(d_y, np.float64)
+    numeric = np.zeros_like(x64)
+    for idx in np.ndindex(x64.shape):
+        plus, minus = x64.copy(), x64.copy()
+        plus[idx] += h
+        minus[idx] -= h
+        numeric[idx] = ((reference(plus) - reference(minus)) * d_y64).sum() / (2 * h)
+    return numeric
+
+
 def _inputs(shape, dtype=jnp.float32):
     k = jax.random.split(jax.random.PRNGKey(0), 4)
     # An offset mean, so that the fast (one-pass) variance is exercised away from zero.
@@ -84,14 +97,7 @@ def test_input_gradient_equals_finite_differences_in_float64():
     scale, bias = (np.asarray(variables["params"][k], np.float64) for k in ("scale", "bias"))
     _, vjp = jax.vjp(lambda x: norm.LayerNorm(epsilon=eps).apply(variables, x), x)
     (d_x,) = vjp(d_y)
-    x64, d_y64, h = np.asarray(x, np.float64), np.asarray(d_y, np.float64), 1e-6
-    numeric = np.zeros_like(x64)
-    for idx in np.ndindex(x64.shape):
-        plus, minus = x64.copy(), x64.copy()
-        plus[idx] += h
-        minus[idx] -= h
-        numeric[idx] = ((_reference(plus, scale, bias, eps) - _reference(minus, scale, bias, eps))
-                        * d_y64).sum() / (2 * h)
+    numeric = _numeric_vjp(lambda x: _reference(x, scale, bias, eps), x, d_y)
     np.testing.assert_allclose(d_x, numeric, rtol=1e-3, atol=1e-4)
 
 
@@ -184,12 +190,28 @@ def test_batch_norm_input_gradient_equals_finite_differences_in_float64():
     module = norm.BatchNorm(use_running_average=False)
     _, vjp = jax.vjp(lambda x: module.apply(variables, x, mutable=["batch_stats"])[0], x)
     (d_x,) = vjp(d_y)
-    x64, d_y64, h = np.asarray(x, np.float64), np.asarray(d_y, np.float64), 1e-6
-    numeric = np.zeros_like(x64)
-    for idx in np.ndindex(x64.shape):
-        plus, minus = x64.copy(), x64.copy()
-        plus[idx] += h
-        minus[idx] -= h
-        numeric[idx] = ((_batch_reference(plus, scale, bias, 1e-5)
-                         - _batch_reference(minus, scale, bias, 1e-5)) * d_y64).sum() / (2 * h)
+    numeric = _numeric_vjp(lambda x: _batch_reference(x, scale, bias, 1e-5), x, d_y)
     np.testing.assert_allclose(d_x, numeric, rtol=1e-3, atol=1e-4)
+
+
+def test_batch_norm_cpu_statistics_outputs_carry_their_gradients():
+    """batch_norm_cpu also returns the batch mean and variance (for the running averages);
+    a function of them gets autodiff's gradient of the plain form."""
+    x, variables, d_y = _inputs((3, 4, 4, 8))
+    scale, bias = variables["params"]["scale"], variables["params"]["bias"]
+    a, b = jnp.linspace(-1.0, 1.0, 8), jnp.linspace(2.0, -0.5, 8)
+
+    def loss(fn, x, scale, bias):
+        y, mean, var = fn(x, scale, bias)
+        return jnp.sum(y * d_y) + jnp.sum(mean * a) + jnp.sum(var * b)
+
+    def plain(x, scale, bias):
+        mean, var = norm._batch_statistics(x)
+        return norm._batch_normalize(x, mean, var, scale, bias, 1e-5, jnp.float32), mean, var
+
+    ours = jax.grad(lambda *t: loss(
+        lambda x, s, b_: norm.batch_norm_cpu(x, s, b_, 1e-5, jnp.float32), *t),
+        argnums=(0, 1, 2))(x, scale, bias)
+    ref = jax.grad(lambda *t: loss(plain, *t), argnums=(0, 1, 2))(x, scale, bias)
+    for o, r in zip(ours, ref):
+        np.testing.assert_allclose(o, r, rtol=1e-4, atol=1e-4 * float(jnp.abs(r).max()))

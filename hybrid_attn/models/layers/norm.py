@@ -88,16 +88,20 @@ class BatchNorm(nn.Module):
         eps = float(self.epsilon)
         if self.use_running_average:
             return _batch_normalize(x, ra_mean.value, ra_var.value, scale, bias, eps, out_dtype)
-        mean, var = _batch_statistics(x)
+        def plain(x, s, b):
+            mean, var = _batch_statistics(x)
+            return _batch_normalize(x, mean, var, s, b, eps, out_dtype), mean, var
+
+        if self.written_backward:  # the statistics come out of the one custom function
+            y, mean, var = platform_dependent(
+                x, scale, bias, cpu=lambda x, s, b: batch_norm_cpu(x, s, b, eps, out_dtype),
+                default=plain)
+        else:
+            y, mean, var = plain(x, scale, bias)
         if not self.is_initializing():
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-        plain = lambda x, s, b: _batch_normalize(x, mean, var, s, b, eps, out_dtype)  # noqa: E731
-        if not self.written_backward:
-            return plain(x, scale, bias)
-        return platform_dependent(
-            x, scale, bias, cpu=lambda x, s, b: batch_norm_cpu(x, s, b, eps, out_dtype),
-            default=plain)
+        return y
 
 
 def _batch_statistics(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -107,29 +111,39 @@ def _batch_statistics(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return mean, jnp.maximum(jnp.mean(rows * rows, axis=0) - mean * mean, 0.0)
 
 
+def _normalize(x, mean, rstd, scale, bias, out_dtype):
+    """flax's ``(x - mean) * (rstd * scale) + bias`` (``rstd = rsqrt(var + eps)``), in
+    ``out_dtype``; the statistics broadcast against ``x`` (per row or per channel)."""
+    return ((x - mean) * (rstd * scale) + bias).astype(out_dtype)
+
+
 def _batch_normalize(x, mean, var, scale, bias, epsilon, out_dtype):
-    """flax's ``(x - mean) * (rsqrt(var + eps) * scale) + bias``, per channel."""
-    return ((x - mean) * (lax.rsqrt(var + epsilon) * scale) + bias).astype(out_dtype)
+    """flax's BatchNorm normalisation with per-channel ``mean`` and ``var``."""
+    return _normalize(x, mean, lax.rsqrt(var + epsilon), scale, bias, out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def batch_norm_cpu(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
-                   out_dtype: Any) -> jax.Array:
-    """:class:`BatchNorm`'s training function (batch statistics) with the backward pass
-    written out: it keeps ``x`` and the float32 per-channel mean and ``rsqrt(var + eps)``."""
+                   out_dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:class:`BatchNorm`'s training function with the backward pass written out: the
+    output and the float32 batch ``mean`` and ``var`` (for the running averages, so that
+    they are not computed a second time). It keeps ``x`` and the per-channel mean and
+    ``rsqrt(var + eps)``; the statistics' own cotangents (zero when they only feed the
+    running averages) are included."""
     mean, var = _batch_statistics(x)
-    return _batch_normalize(x, mean, var, scale, bias, epsilon, out_dtype)
+    return _batch_normalize(x, mean, var, scale, bias, epsilon, out_dtype), mean, var
 
 
 def _batch_norm_cpu_fwd(x, scale, bias, epsilon, out_dtype):
     mean, var = _batch_statistics(x)
     rstd = lax.rsqrt(var + epsilon)
-    y = ((x - mean) * (rstd * scale) + bias).astype(out_dtype)
-    return y, (x, mean, rstd, scale, bias)
+    y = _normalize(x, mean, rstd, scale, bias, out_dtype)
+    return (y, mean, var), (x, mean, rstd, scale, bias)
 
 
-def _batch_norm_cpu_bwd(epsilon, out_dtype, residuals, d_y):
+def _batch_norm_cpu_bwd(epsilon, out_dtype, residuals, cotangents):
     x, mean, rstd, scale, bias = residuals
+    d_y, d_mean, d_var = cotangents
     rows = lambda t: t.reshape(-1, t.shape[-1]).astype(mean.dtype)  # noqa: E731
     x2, d_y2 = rows(x), rows(d_y)
     count = x2.shape[0]
@@ -137,6 +151,7 @@ def _batch_norm_cpu_bwd(epsilon, out_dtype, residuals, d_y):
     d_bias = jnp.sum(d_y2, axis=0)
     d_scale = jnp.sum(d_y2 * x_hat, axis=0)
     d_x = (scale.astype(mean.dtype) * rstd) * (d_y2 - d_bias / count - x_hat * (d_scale / count))
+    d_x = d_x + (d_mean + 2.0 * d_var * (x2 - mean)) / count  # mean and E[x^2] - mean^2
     return (d_x.reshape(x.shape).astype(x.dtype), d_scale.astype(scale.dtype),
             d_bias.astype(bias.dtype))
 
@@ -195,8 +210,7 @@ def _statistics(x: jax.Array, fast_variance: bool) -> tuple[jax.Array, jax.Array
 def _layer_norm(x, scale, bias, epsilon, fast_variance, out_dtype):
     """flax.linen.LayerNorm's computation: ``(x - mean) * (rsqrt(var + eps) * scale) + bias``."""
     mean, var = _statistics(x, fast_variance)
-    y = (x - mean) * (lax.rsqrt(var + epsilon) * scale) + bias
-    return y.astype(out_dtype)
+    return _normalize(x, mean, lax.rsqrt(var + epsilon), scale, bias, out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -211,8 +225,7 @@ def layer_norm_cpu(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: flo
 def _layer_norm_cpu_fwd(x, scale, bias, epsilon, fast_variance, out_dtype):
     mean, var = _statistics(x, fast_variance)
     rstd = lax.rsqrt(var + epsilon)
-    y = ((x - mean) * (rstd * scale) + bias).astype(out_dtype)
-    return y, (x, mean, rstd, scale, bias)
+    return _normalize(x, mean, rstd, scale, bias, out_dtype), (x, mean, rstd, scale, bias)
 
 
 def _layer_norm_cpu_bwd(epsilon, fast_variance, out_dtype, residuals, d_y):
