@@ -74,7 +74,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from hybrid_attn import bench_timm, optim, sharding, train
+from hybrid_attn import bench_timm, optim, sharding, train, xla_cpu
 from hybrid_attn.models import get_model
 
 FLAGS = flags.FLAGS
@@ -105,8 +105,8 @@ flags.DEFINE_bool("scan", None, "Scan over a stage's repeated blocks, where the 
 flags.DEFINE_bool("flat_optimizer", False, "Train with AdamW's moments on one flat vector "
                   "of all parameters (config optim.flat_state) instead of per parameter.")
 flags.DEFINE_bool("light_codegen", True, "On CPU, compile the state's init and the train "
-                  "step with train.CPU_LIGHT_CODEGEN, as the trainer does; --nolight_codegen "
-                  "uses XLA's defaults for both.")
+                  "step with xla_cpu.CPU_LIGHT_CODEGEN (LLVM -O1), as the trainer does; "
+                  "--nolight_codegen uses LLVM's default level for both.")
 
 # Our name -> timm's model of the same architecture. BoTNet-50 has no exact timm twin:
 # botnet50ts_256 (tiered 3-conv stem, SiLU) is the nearest and is flagged as such. timm's
@@ -239,6 +239,7 @@ def prepare_benchmark(model_name: str, res: int, batch: int, mode: str, dtype: s
     labels = jax.nn.one_hot(jnp.arange(batch) % num_classes, num_classes)
     batch_data = jax.device_put({"image": images, "label": labels}, sharding.batch_sharding(mesh))
     if mode == "train":
+        options = train.light_compiler_options(mesh, light_codegen)
         step = train.make_train_step(model, tx, schedule, rng, 0.0, shardings, mesh,
                                      light_codegen=light_codegen)
         args = (state, batch_data)
@@ -246,7 +247,9 @@ def prepare_benchmark(model_name: str, res: int, batch: int, mode: str, dtype: s
         variables = {"params": state.params}
         if jax.tree_util.tree_leaves(state.batch_stats):
             variables["batch_stats"] = state.batch_stats
-        step = jax.jit(lambda v, b: model.apply(v, b["image"], train=False))
+        options = xla_cpu.compiler_options(mesh.devices.flat[0].platform)
+        step = jax.jit(lambda v, b: model.apply(v, b["image"], train=False),
+                       compiler_options=options)
         args = (variables, batch_data)
 
     t0 = time.perf_counter()
@@ -274,8 +277,8 @@ def prepare_benchmark(model_name: str, res: int, batch: int, mode: str, dtype: s
         "compile_s": round(compile_s, 2),  # tracing + lowering + XLA compile
         "lower_s": round(lower_s, 2),  # tracing + lowering to StableHLO alone
         "init_s": round(init_s, 2),  # create_train_state: tracing, compile and run
-        # The XLA options the init and (in train mode) the step compiled with (None: defaults).
-        "compiler_options": train.light_compiler_options(mesh, light_codegen),
+        # The XLA options the step compiled with (None: XLA's defaults).
+        "compiler_options": options,
         # JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR), if on: a warm cache
         # makes compile_s the load of a stored executable, not a compile.
         "compilation_cache": jax.config.jax_compilation_cache_dir or None,

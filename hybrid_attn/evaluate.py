@@ -24,7 +24,7 @@ from clu import metrics
 from etils import epath
 from jax.sharding import Mesh
 
-from hybrid_attn import checkpoint, config_lib, sharding, viz
+from hybrid_attn import checkpoint, config_lib, sharding, viz, xla_cpu
 from hybrid_attn.convert import pretrained
 from hybrid_attn.data import input_pipeline
 from hybrid_attn.models.build import build_model
@@ -38,7 +38,8 @@ class EvalMetrics(metrics.Collection):
 
 
 def make_eval_step(model: flax.linen.Module) -> Callable[[Any, dict], EvalMetrics]:
-    """A jitted ``(variables, global_batch) -> EvalMetrics`` that ignores masked examples."""
+    """A jitted ``(variables, global_batch) -> EvalMetrics`` that ignores masked examples
+    (compiled with :func:`hybrid_attn.xla_cpu.compiler_options` for the default backend)."""
 
     def step(variables, batch):
         logits = model.apply(variables, batch["image"], train=False)
@@ -47,7 +48,7 @@ def make_eval_step(model: flax.linen.Module) -> Callable[[Any, dict], EvalMetric
             logits=logits, labels=batch["label"], loss=loss, mask=batch["mask"]
         )
 
-    return jax.jit(step)
+    return jax.jit(step, compiler_options=xla_cpu.compiler_options(jax.default_backend()))
 
 
 def evaluate(

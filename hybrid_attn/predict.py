@@ -96,7 +96,10 @@ class Predictor:
         self.preprocessing = self.meta["preprocessing"]
         self.model = model_from_meta(self.meta)
         self.variables = eval_variables(loaded["params"], loaded["batch_stats"], loaded["ema"])
-        self._apply = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
+        from hybrid_attn.xla_cpu import compiler_options
+
+        self._apply = jax.jit(lambda v, x: self.model.apply(v, x, train=False),
+                              compiler_options=compiler_options(jax.default_backend()))
 
     def logits(self, images: Sequence[Image.Image]) -> np.ndarray:
         """float32 logits ``[len(images), num_classes]``."""

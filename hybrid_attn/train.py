@@ -17,7 +17,6 @@ the step that produced it leaves the parameters as they were.
 import dataclasses
 import functools
 import math
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from clu import metric_writers, metrics, periodic_actions
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from hybrid_attn import checkpoint, config_lib, evaluate, finetune, optim, sharding
+from hybrid_attn import checkpoint, config_lib, evaluate, finetune, optim, sharding, xla_cpu
 from hybrid_attn.data import input_pipeline
 from hybrid_attn.models.build import build_model
 
@@ -118,32 +117,11 @@ def actions_for_step(
     )
 
 
-# XLA:CPU code generation for the state's init and the train step (``light_codegen``): LLVM
-# at -O1 without its expensive passes. The init is dominated by the random initialisers,
-# one large threefry kernel per parameter shape, where LLVM's -O2 pipeline is what costs;
-# it runs once, and the parameters come out bitwise equal. On a 2-core AMD EPYC VM
-# (224x224, float32; README, Benchmark) the bench's init_s went from 20.3 / 16.4 to
-# 15.3 / 14.7 s for CoAtNet-0, 24.2 / 26.0 to 17.1 / 13.6 s for Twins-SVT-S and 14.8 / 15.8
-# to 9.2 / 12.3 s for ResNet-50 (two runs each). The train step's heavy kernels are library
-# calls, so its speed does not depend on LLVM's level: in one process, compiled both ways
-# and called alternately (batch 8, one thread, a 2-core Xeon VM, 2026-12-07), Twins-SVT-S
-# took a median 1873 ms per step at -O1 against 1858 ms at -O2, CoAtNet-0 3767 against 3842
-# ms. Its compile gets shorter for Twins-SVT-S (18.7 -> 16.4 s there; with the scan path at
-# two threads 12.6 -> 10.0 and 11.4 -> 9.4 s) and stays the same for CoAtNet-0 (14.4 /
-# 14.5 s). A key already set in XLA_FLAGS wins (the tests compile at -O0).
-CPU_LIGHT_CODEGEN = {"xla_backend_optimization_level": 1,
-                     "xla_llvm_disable_expensive_passes": True}
-
-
 def light_compiler_options(mesh: Mesh, light_codegen: bool = True) -> dict[str, Any] | None:
-    """``jax.jit`` compiler options for the state's init and the train step on ``mesh``:
-    :data:`CPU_LIGHT_CODEGEN` on CPU when ``light_codegen``, less any key XLA_FLAGS sets;
-    None (XLA's defaults) on GPU and TPU or when switched off."""
-    if not light_codegen or mesh.devices.flat[0].platform != "cpu":
-        return None
-    set_keys = {f.split("=", 1)[0].lstrip("-") for f in os.environ.get("XLA_FLAGS", "").split()}
-    options = {k: v for k, v in CPU_LIGHT_CODEGEN.items() if k not in set_keys}
-    return options or None
+    """``jax.jit`` compiler options for the state's init and the train step on ``mesh``
+    (:func:`hybrid_attn.xla_cpu.compiler_options`: on CPU the library choice and, when
+    ``light_codegen``, LLVM at -O1; None, XLA's defaults, on GPU and TPU)."""
+    return xla_cpu.compiler_options(mesh.devices.flat[0].platform, light_codegen)
 
 
 def create_train_state(

@@ -12,7 +12,7 @@ import optax
 import pytest
 from conftest import load_config
 
-from hybrid_attn import optim, sharding, train
+from hybrid_attn import optim, sharding, train, xla_cpu
 
 
 class TinyNet(nn.Module):
@@ -107,13 +107,16 @@ def test_train_step_same_on_8_devices_as_on_1(flat_state):
 
 def test_light_codegen_reaches_xla_and_gives_the_same_state_and_step(monkeypatch):
     mesh = sharding.make_mesh(jax.devices()[:1])
-    # conftest's XLA_FLAGS set both keys (-O0): a key set there wins, so tests are unchanged.
-    assert train.light_compiler_options(mesh) is None
+    library = xla_cpu.CPU_LIBRARY_FUSIONS
+    # conftest's XLA_FLAGS set both codegen keys (-O0): a key set there wins, so the tests
+    # keep -O0 and get only the library choice.
+    assert train.light_compiler_options(mesh) == library
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    assert train.light_compiler_options(mesh) == train.CPU_LIGHT_CODEGEN
-    assert train.light_compiler_options(mesh, light_codegen=False) is None
+    assert train.light_compiler_options(mesh) == {**library, **xla_cpu.CPU_LIGHT_CODEGEN}
+    assert train.light_compiler_options(mesh, light_codegen=False) == library
     monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
-    assert train.light_compiler_options(mesh) == {"xla_llvm_disable_expensive_passes": True}
+    assert train.light_compiler_options(mesh) == {**library,
+                                                  "xla_llvm_disable_expensive_passes": True}
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     model, tx, rng = TinyNet(), optax.adamw(1e-3), jax.random.PRNGKey(0)
@@ -141,7 +144,7 @@ def test_light_codegen_reaches_xla_and_gives_the_same_state_and_step(monkeypatch
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     # The options reach XLA's compile, and only with the switch on: XLA rejects a key it
     # does not know.
-    monkeypatch.setitem(train.CPU_LIGHT_CODEGEN, "xla_no_such_option", True)
+    monkeypatch.setitem(xla_cpu.CPU_LIGHT_CODEGEN, "xla_no_such_option", True)
     with pytest.raises(Exception, match="No such compile option"):
         init(light_codegen=True)
     init(light_codegen=False)
