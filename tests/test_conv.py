@@ -213,24 +213,24 @@ def test_kernel_gradient_by_rows_in_bfloat16_is_close_to_float32():
                                atol=0.02 * float(jnp.abs(ref).max()))
 
 
-@pytest.mark.parametrize("side,channels,out,kernel_convs", [
-    (28, 16, 8, 2), (14, 16, 8, 3), (28, 3, 8, 3), (28, 3, 16, 2)])
-def test_cpu_lowering_computes_large_kernel_gradients_by_rows(side, channels, out,
-                                                              kernel_convs):
-    """On CPU the kernel gradient of an ungrouped 3x3 convolution is matrix products (two
-    convolutions left: forward and input gradient) from a 28x28 output with 16 channels up,
-    or with fewer channels where 3 x Cin < Cout (a stem); smaller maps and other narrow
-    inputs keep XLA's kernel-gradient convolution (three)."""
+@pytest.mark.parametrize("side,channels,out", [(28, 16, 8), (14, 16, 8), (28, 3, 16)])
+def test_cpu_lowering_of_3x3_convolutions_is_native_unless_rows_are_asked_for(side, channels,
+                                                                               out):
+    """On CPU ``auto`` keeps XLA's convolutions for a 3x3 kernel, forward and both
+    gradients (three convolutions); ``impl="rows_grad"`` computes the kernel gradient as
+    matrix products (two convolutions left: forward and input gradient)."""
     x = jax.random.normal(jax.random.PRNGKey(26), (2, side, side, channels))
     kernel = jax.random.normal(jax.random.PRNGKey(27), (3, 3, channels, out))
-    grad = jax.grad(lambda x, k: jnp.sum(conv2d(x, k, 1, "SAME") ** 2), argnums=(0, 1))
-    hlo = jax.jit(grad).lower(x, kernel).compile().as_text()
-    assert hlo.count(" convolution(") == kernel_convs
+    for impl, convs in (("auto", 3), ("rows_grad", 2)):
+        grad = jax.grad(lambda x, k: jnp.sum(conv2d(x, k, 1, "SAME", impl=impl) ** 2),
+                        argnums=(0, 1))
+        hlo = jax.jit(grad).lower(x, kernel).compile().as_text()
+        assert hlo.count(" convolution(") == convs, impl
 
 
 @pytest.mark.parametrize("side,channels,strides,convs", [
-    (14, 128, 1, 0), (28, 128, 2, 0),  # small (or strided onto 28x28), wide: im2col
-    (14, 64, 1, 3), (28, 128, 1, 2)])  # too few channels: native; 28x28: rows_grad
+    (7, 128, 1, 0), (28, 128, 2, 0), (7, 256, 2, 0),  # im2col: 7x7, or strided onto <= 28x28
+    (14, 128, 1, 3), (7, 64, 1, 3), (28, 128, 1, 3), (56, 64, 2, 3)])  # native
 def test_cpu_lowering_of_small_wide_convolutions_is_one_product(side, channels, strides,
                                                                  convs):
     x = jax.random.normal(jax.random.PRNGKey(28), (1, side * strides, side * strides, channels))

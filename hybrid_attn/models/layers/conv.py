@@ -19,18 +19,21 @@ convolution over non-overlapping patches (kernel = stride: patch embeddings, Twi
 key reduction, whose input gradient XLA:CPU computed 5x slower) a space-to-depth reshape
 and a ``dot_general``.
 
-Larger ungrouped kernels keep the native forward and input gradient, but XLA:CPU's kernel
-gradient (a convolution whose contraction runs over the batch, with the whole map as its
-window) is slow: on a 2-core Xeon (AVX-512), batch 8, float32, jax 0.10.2, it took 46.8 ms
-for a 3x3 convolution on 56x56x64 where the forward took 12 ms. :func:`_kernel_grad_rows`
-computes it as ``kh`` plain matrix products instead, ``dy^T`` against the rows of ``kw``
-column-shifted copies of the input: 19.8 ms there, 90.7 against 192.4 ms at 112x112x64,
-9.6 against 23.4 ms at 28x28x128, no gain at 14x14 (7.6 / 7.7 ms). Nine per-tap products
-took 31.5 ms and a full im2col 44-52 ms. So on CPU :func:`conv2d` takes that path from a
-28x28 output and 16 input channels up, and for the 3-channel stems, whose products put the
-rows on the left (the faster orientation, see :mod:`~hybrid_attn.models.layers.dense`).
-Below 28x28, from 128 input channels, the whole convolution is one im2col product
-(:func:`_im2col_dot`).
+Larger ungrouped kernels are XLA's own convolution, forward and both gradients, except
+that from 128 input channels a strided one onto at most 28x28 or an unstrided one onto at
+most 7x7 is one im2col matrix product (:func:`_im2col_dot`). Under XLA:CPU's default
+options each convolution, the kernel gradient's too, went to YNNPACK, whose kernel gradient
+(a convolution contracting over the batch) was slow: 46.8 ms for a 3x3 convolution on
+8x56x56x64 where the forward took 12 ms (2-core Xeon, AVX-512, float32, jax 0.10.2).
+:func:`_kernel_grad_rows` (``impl="rows_grad"``) computes it as ``kh`` plain matrix
+products instead, ``dy^T`` against the rows of ``kw`` column-shifted copies of the input
+(19.8 ms there), and was this module's choice from a 28x28 output up until the programs
+compiled with :data:`hybrid_attn.xla_cpu.CPU_LIBRARY_FUSIONS`, which keep convolutions on
+XLA's Eigen path: there the native forward and both gradients took 19.8 ms against 26.9
+(rows) and 34.7 (im2col) on 56x56x64, 81 against 110 and 146 ms on 112x112x64, 16.3
+against 34.0 ms for ResNet's 7x7/2 stem's forward and kernel gradient (2 threads). So the
+forms chosen here assume that option (the train step, evaluation, prediction and the bench
+compile with it; a program compiled with XLA's defaults gets the same values, more slowly).
 :class:`Conv` has the variables of ``nn.Conv`` (``kernel`` [kh, kw, Cin / groups, Cout],
 ``bias`` [Cout]).
 """
@@ -319,23 +322,19 @@ def _native_rows_grad_bwd(strides, pads, residuals, dy):
 
 _native_rows_grad.defvjp(_native_rows_grad_fwd, _native_rows_grad_bwd)
 
-# On CPU, :func:`conv2d` computes the kernel gradient by rows for ungrouped convolutions
-# whose output has at least this many pixels per image and whose input at least this many
-# channels (module docstring: measured 2-2.4x faster from 28x28 up at batch 8, even at
-# 14x14), or whose input is narrower than its output even ``kw`` times over (the stems,
-# whose products then take the rows on the left: ResNet's 7x7/2 3 -> 64 at 224, forward and
-# kernel gradient, 44.9 -> 42.7 ms at 1 thread, 44.9 -> 31.1 ms at 2; a 3x3/2 3 -> 64 stem
-# 11.0 -> 8.0 ms).
-ROWS_GRAD_MIN_PIXELS = 28 * 28
-ROWS_GRAD_MIN_CHANNELS = 16
-# Below that size (or at it, when strided), from this many input channels, the whole
-# convolution is one im2col matrix product (:func:`_im2col_dot`). ResNet-50's 3x3 layers,
-# batch 8, forward + both gradients, 1 / 2 threads (module docstring's machine): 14x14x256
-# 29.4 -> 25.7 / 15.0 -> 14.0 ms, 7x7x512 32.1 -> 25.3 / 17.4 -> 13.0 ms, stride 2 onto
-# 14x14x256 34.8 -> 26.2 / 17.8 -> 13.2 ms and onto 28x28x128 37.2 -> 30.9 / 21.5 -> 21.0
-# ms; at 28x28x128, stride 1, no gain (29.5 / 29.0 ms), so that size keeps rows_grad.
+# On CPU, from this many input channels, :func:`conv2d` trains a strided convolution onto at
+# most 28x28 output pixels, or an unstrided one onto at most 7x7, as one im2col matrix
+# product (:func:`_im2col_dot`); every other ungrouped kernel larger than 1x1 is native
+# (XLA's own convolution and gradients, see the module docstring). Forward and both
+# gradients, batch 8, 2 / 1 threads, 2026-12-08, compiled with xla_cpu.compiler_options,
+# native -> im2col: 7x7x512 18.8 -> 14.9 / 27.5 -> 26.5 ms, stride 2 onto 28x28x128 31.1 ->
+# 29.1 / 46.4 -> 42.4, onto 14x14x256 22.2 -> 19.3 / 33.6 -> 34.7, onto 7x7x512 21.4 -> 15.7
+# / 31.8 -> 26.6 ms; but unstrided 14x14x256 15.7 -> 18.8 / 24.7 -> 34.0 ms stays native.
 IM2COL_MIN_CHANNELS = 128
+IM2COL_STRIDED_MAX_PIXELS = 28 * 28
+IM2COL_MAX_PIXELS = 7 * 7
 IM2COL_FORWARD_MAX_PIXELS = 7 * 7  # and inference takes the product up to this output
+
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = (1, 1),
@@ -346,15 +345,13 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = (1, 1
 
     ``impl="auto"`` picks per backend at lowering time. On CPU, for ungrouped convolutions:
     a 1x1 convolution, or one over non-overlapping patches (stride equal to the kernel, no
-    padding), is a matrix product (``"dot"``); one whose output is smaller than
-    :data:`ROWS_GRAD_MIN_PIXELS` (or equal to it when strided), from
-    :data:`IM2COL_MIN_CHANNELS` input channels, trains as one im2col product (``"im2col"``,
-    :func:`_native_im2col_grad`); one whose output has at least :data:`ROWS_GRAD_MIN_PIXELS`
-    pixels per image and whose input at least :data:`ROWS_GRAD_MIN_CHANNELS` channels (or
-    is a stem, ``kw * Cin < Cout``) is the native convolution with its kernel gradient
-    computed as matrix products (``"rows_grad"``, :func:`_kernel_grad_rows`). Every other
-    convolution, and every convolution on GPU and TPU, is native. ``"native"``, ``"dot"``,
-    ``"rows_grad"`` and ``"im2col"`` force one form (``"dot"`` only for those two kinds,
+    padding), is a matrix product (``"dot"``); from :data:`IM2COL_MIN_CHANNELS` input
+    channels, a strided one onto at most :data:`IM2COL_STRIDED_MAX_PIXELS` output pixels per
+    image or an unstrided one onto at most :data:`IM2COL_MAX_PIXELS` trains as one im2col
+    product (``"im2col"``, :func:`_native_im2col_grad`). Every other convolution, and every
+    convolution on GPU and TPU, is native. ``"native"``, ``"dot"``, ``"rows_grad"`` (the
+    native convolution with :func:`_kernel_grad_rows`) and ``"im2col"`` force one form
+    (``"dot"`` only for those two kinds,
     the other two only ungrouped).
     """
     if (x.ndim != 4 or kernel.ndim != 4 or feature_group_count < 1
@@ -393,12 +390,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = (1, 1
                          f"got {impl!r}")
     out_pixels = _out_pixels(x.shape, kernel.shape, strides, pads)
     strided = strides != (1, 1)
-    small = out_pixels < ROWS_GRAD_MIN_PIXELS or (strided and out_pixels == ROWS_GRAD_MIN_PIXELS)
-    by_im2col = small and x.shape[-1] >= IM2COL_MIN_CHANNELS
-    stem = kernel.shape[1] * x.shape[-1] < kernel.shape[-1]  # e.g. 7x7, 3 -> 64
-    by_rows = out_pixels >= ROWS_GRAD_MIN_PIXELS and (
-        x.shape[-1] >= ROWS_GRAD_MIN_CHANNELS or stem)
-    cpu = dot or (im2col if by_im2col else rows_grad if by_rows else None)
+    by_im2col = x.shape[-1] >= IM2COL_MIN_CHANNELS and out_pixels <= (
+        IM2COL_STRIDED_MAX_PIXELS if strided else IM2COL_MAX_PIXELS)
+    cpu = dot or (im2col if by_im2col else None)
     if cpu is None:
         return _dense_native(x, kernel, strides, pads, feature_group_count)
     return platform_dependent(
