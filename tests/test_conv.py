@@ -222,7 +222,7 @@ def test_cpu_lowering_of_3x3_convolutions_is_native_unless_rows_are_asked_for(si
     x = jax.random.normal(jax.random.PRNGKey(26), (2, side, side, channels))
     kernel = jax.random.normal(jax.random.PRNGKey(27), (3, 3, channels, out))
     for impl, convs in (("auto", 3), ("rows_grad", 2)):
-        grad = jax.grad(lambda x, k: jnp.sum(conv2d(x, k, 1, "SAME", impl=impl) ** 2),
+        grad = jax.grad(lambda x, k, impl=impl: jnp.sum(conv2d(x, k, 1, "SAME", impl=impl) ** 2),
                         argnums=(0, 1))
         hlo = jax.jit(grad).lower(x, kernel).compile().as_text()
         assert hlo.count(" convolution(") == convs, impl
