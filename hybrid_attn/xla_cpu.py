@@ -72,8 +72,8 @@ def compiler_options(platform: str, light_codegen: bool = False) -> dict[str, An
     if platform != "cpu":
         return None
     set_keys = {f.split("=", 1)[0].lstrip("-") for f in os.environ.get("XLA_FLAGS", "").split()}
-    library = {k: v for k, v in CPU_LIBRARY_FUSIONS.items() if k not in set_keys}
+    unset = lambda options: {k: v for k, v in options.items() if k not in set_keys}  # noqa: E731
+    library = unset(CPU_LIBRARY_FUSIONS)
     options = {**(supported(library) if library else {}),
-               **(CPU_LIGHT_CODEGEN if light_codegen else {})}
-    options = {k: v for k, v in options.items() if k not in set_keys}
+               **(unset(CPU_LIGHT_CODEGEN) if light_codegen else {})}
     return options or None

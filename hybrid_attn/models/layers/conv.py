@@ -336,7 +336,6 @@ IM2COL_MAX_PIXELS = 7 * 7
 IM2COL_FORWARD_MAX_PIXELS = 7 * 7  # and inference takes the product up to this output
 
 
-
 def conv2d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = (1, 1),
            padding: Padding = "SAME", feature_group_count: int = 1,
            impl: str = "auto") -> jax.Array:
